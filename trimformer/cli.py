@@ -1,0 +1,362 @@
+"""trimformer's command line. Thin: parse, call the library, print.
+
+torch and transformers are imported inside commands so that `trimformer --help` is instant.
+Results go to stdout, progress and errors to stderr. Exit codes: 0 success, 1 error, 2 usage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=(
+        "Make a trained transformer faster by compiling it: capture the graph, find its blocks, "
+        "rewrite it with passes from research papers, verify, export (.pt2 + ONNX) and report.\n\n"
+        "Examples:\n\n"
+        "  trimformer inspect samples/tinyllama-py\n\n"
+        "  trimformer optimize --drop-attention 2 --out runs/demo\n\n"
+        "  trimformer inspect runs/demo"
+    ),
+)
+out = Console()
+err = Console(stderr=True)
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+def _setup(quiet: bool) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not os.environ.get("TRIMFORMER_DEBUG"):
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        import logging
+
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        logging.getLogger("onnxscript").setLevel(logging.ERROR)
+
+    def progress(msg: str) -> None:
+        if not quiet:
+            err.print(f"[dim]{msg}[/dim]")
+
+    return progress
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    err.print(f"[bold red]Error:[/bold red] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn: Any) -> Any:
+    """Turn library errors into one line on stderr and exit 1; no tracebacks for users."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from trimformer.errors import TrimformerError
+
+        try:
+            return fn(*args, **kwargs)
+        except TrimformerError as e:
+            _fail(str(e))
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", 130)
+        except Exception as e:  # an internal bug: still one line, with a way to get details
+            if os.environ.get("TRIMFORMER_DEBUG"):
+                raise
+            _fail(
+                f"internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+                "; rerun with TRIMFORMER_DEBUG=1 for the traceback and report it"
+            )
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------- passes
+
+
+@app.command()
+@_guard
+def passes(as_json: AsJson = False) -> None:
+    """List every pass: what it does, its knobs, and whether it is exact, lossy or needs training."""
+    from trimformer.passes import PASSES
+
+    rows = [
+        {
+            "name": s.name,
+            "exactness": s.exactness,
+            "summary": s.summary,
+            "knobs": s.knobs,
+            "paper": s.paper,
+        }
+        for s in PASSES.values()
+    ]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    from rich.table import Table
+
+    t = Table(title="trimformer passes")
+    for c in ("pass", "exactness", "what it does", "knobs"):
+        t.add_column(c)
+    for r in rows:
+        knobs = "\n".join(f"{k}: {v}" for k, v in r["knobs"].items()) or "-"
+        t.add_row(r["name"], r["exactness"], r["summary"], knobs)
+    out.print(t)
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+@app.command()
+@_guard
+def inspect(
+    path: Annotated[
+        Path | None, typer.Argument(help="A checkpoint folder, a .pt2, or a run folder.")
+    ] = None,
+    shape: Annotated[str, typer.Option(help="BATCHxSEQ the FLOPs refer to.")] = "1x128",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+) -> None:
+    """Show the transformer structure found in a checkpoint, or the report of a run.
+
+    Examples:
+
+      trimformer inspect samples/tinyllama-py
+
+      trimformer inspect runs/demo --json
+    """
+    progress = _setup(quiet)
+    from trimformer.report.render import print_report, print_structure
+
+    if path is not None and (path / "report.json").is_file():
+        from trimformer.report.render import load_report
+
+        report = load_report(path)
+        if as_json:
+            out.print_json(json.dumps(report))
+        else:
+            print_report(out, report)
+        return
+    from trimformer.graph.capture import load_checkpoint
+    from trimformer.graph.flops import count_flops
+    from trimformer.graph.rewrite import count_parameters
+    from trimformer.optimizer.run import RunOptions, prepare, shape_inputs
+
+    loaded = load_checkpoint(path, trust_remote_code=trust_remote_code)
+    prep = prepare(loaded, RunOptions(out=Path("."), calib_batches=1, eval_batches=1), progress)
+    info = {
+        "source": str(loaded.source),
+        "kind": loaded.kind,
+        "params": count_parameters(prep.gm),
+        "flops": count_flops(prep.gm, shape_inputs(loaded, shape)),
+        "flops_shape": shape,
+        "structure": prep.structure.summary(),
+    }
+    if as_json:
+        out.print_json(json.dumps(info))
+    else:
+        print_structure(out, info)
+
+
+# ----------------------------------------------------------------------------- optimize
+
+
+def _run_options(**kw: Any) -> Any:
+    from trimformer.optimizer.run import RunOptions
+
+    runtime = kw.pop("runtime")
+    runtimes = ("torch", "onnxruntime") if runtime == "both" else (runtime,)
+    return RunOptions(runtimes=runtimes, **kw)
+
+
+def _finish(report: dict, out_dir: Path, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    from trimformer.report.render import print_summary
+
+    print_summary(out, report, out_dir)
+
+
+@app.command()
+@_guard
+def optimize(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Hugging Face model folder or .pt2 (default: sample).")
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Run folder to write.")] = Path(
+        "runs/latest"
+    ),
+    drop_attention: Annotated[
+        int, typer.Option(help="Drop the N most redundant attention sub-layers.")
+    ] = 0,
+    drop_mlp: Annotated[int, typer.Option(help="Drop the N most redundant MLP sub-layers.")] = 0,
+    drop_blocks: Annotated[int, typer.Option(help="Drop the N most redundant whole blocks.")] = 0,
+    drop_mode: Annotated[
+        str, typer.Option(help="one-shot, or iterative (re-score after each drop).")
+    ] = "one-shot",
+    shape: Annotated[str, typer.Option(help="BATCHxSEQ to measure latency at.")] = "8x128",
+    runtime: Annotated[str, typer.Option(help="torch, onnxruntime, or both.")] = "both",
+    threads: Annotated[int, typer.Option(help="Threads for every measurement.")] = 2,
+    text: Annotated[
+        Path | None, typer.Option(help="Calibration/evaluation text (.txt or .jsonl).")
+    ] = None,
+    seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 128,
+    no_onnx: Annotated[bool, typer.Option("--no-onnx", help="Skip the ONNX export.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the resolved recipe; build nothing.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+) -> None:
+    """Optimize a checkpoint with the passes asked for; write recipe, .pt2, ONNX and report.
+
+    Examples:
+
+      trimformer optimize --drop-attention 2 --out runs/demo
+
+      trimformer optimize ./my-bert --drop-blocks 1 --drop-mode iterative --shape 8x128
+    """
+    progress = _setup(quiet)
+    if drop_mode not in ("one-shot", "iterative"):
+        _fail(f"--drop-mode {drop_mode!r}: use one-shot or iterative", 2)
+    if runtime not in ("torch", "onnxruntime", "both"):
+        _fail(f"--runtime {runtime!r}: use torch, onnxruntime or both", 2)
+    if runtime != "torch" and no_onnx:
+        _fail("--no-onnx needs --runtime torch (onnxruntime measures the ONNX program)", 2)
+    counts = {
+        k: v
+        for k, v in (("attention", drop_attention), ("mlp", drop_mlp), ("blocks", drop_blocks))
+        if v
+    }
+    if any(v < 0 for v in counts.values()):
+        _fail("drop counts must be >= 0", 2)
+    if not counts:
+        _fail(
+            "no pass asked for; give one, e.g. --drop-attention 2 (see `trimformer passes`), "
+            "or replay a recipe with `trimformer apply`",
+            2,
+        )
+    from trimformer.graph.capture import load_checkpoint
+    from trimformer.optimizer.pipeline import Recipe, Step, dump_recipe, parse_shape
+    from trimformer.optimizer.run import check_out_dir, prepare, run
+    from trimformer.passes import PASSES
+    from trimformer.passes import drop as drop_pass
+
+    parse_shape(shape)
+    if not dry_run:
+        check_out_dir(out_dir, force)
+    loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
+    opts = _run_options(
+        out=out_dir,
+        shape=shape,
+        runtime=runtime,
+        threads=threads,
+        text=text,
+        seq_len=seq_len,
+        onnx=not no_onnx,
+        force=force,
+    )
+    prep = prepare(loaded, opts, progress)
+    progress(f"scoring sub-layers on {len(prep.calib)} calibration batches ({drop_mode})")
+    config, scores = drop_pass.plan(prep.gm, prep.structure, prep.ctx, counts, drop_mode)
+    steps = [
+        Step(PASSES["cleanup"], PASSES["cleanup"].config()),
+        Step(PASSES["drop"], config, importance=scores),
+    ]
+    if dry_run:
+        recipe = Recipe(model=str(loaded.source), shape=shape, passes=[s.to_entry() for s in steps])
+        out.print(dump_recipe(recipe), end="")
+        return
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    report = run(loaded, prep, steps, opts, progress)
+    _finish(report, out_dir, as_json)
+
+
+# ----------------------------------------------------------------------------- apply
+
+
+@app.command()
+@_guard
+def apply(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="recipe.yaml to replay.")],
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint (default: the recipe's `model`).")
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Run folder to write.")] = Path(
+        "runs/applied"
+    ),
+    shape: Annotated[str | None, typer.Option(help="Override the recipe's shape.")] = None,
+    runtime: Annotated[str, typer.Option(help="torch, onnxruntime, or both.")] = "both",
+    threads: Annotated[int, typer.Option()] = 2,
+    text: Annotated[Path | None, typer.Option(help="Calibration/evaluation text.")] = None,
+    no_onnx: Annotated[bool, typer.Option("--no-onnx")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace --out; apply even if the model digest differs.")
+    ] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+) -> None:
+    """Replay a recipe exactly (no search) on a checkpoint.
+
+    Example:
+
+      trimformer apply runs/demo/recipe.yaml --out runs/again
+    """
+    progress = _setup(quiet)
+    if runtime not in ("torch", "onnxruntime", "both"):
+        _fail(f"--runtime {runtime!r}: use torch, onnxruntime or both", 2)
+    from trimformer.graph.capture import checkpoint_digest, load_checkpoint
+    from trimformer.optimizer.pipeline import load_recipe
+    from trimformer.optimizer.run import check_out_dir, prepare, run
+
+    recipe, steps = load_recipe(recipe_path)
+    check_out_dir(out_dir, force)
+    source = checkpoint or (Path(recipe.model) if recipe.model else None)
+    loaded = load_checkpoint(source, trust_remote_code=trust_remote_code)
+    if recipe.model_sha256 and not force:
+        digest = checkpoint_digest(loaded.source)
+        if digest != recipe.model_sha256:
+            _fail(
+                f"{loaded.source} is not the checkpoint {recipe_path} was made from (sha256 "
+                f"{digest[:12]} != {recipe.model_sha256[:12]}); pass --force to apply anyway"
+            )
+    opts = _run_options(
+        out=out_dir,
+        shape=shape or recipe.shape,
+        runtime=runtime,
+        threads=threads,
+        text=text,
+        onnx=not no_onnx,
+        force=force,
+    )
+    prep = prepare(loaded, opts, progress)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    report = run(loaded, prep, steps, opts, progress)
+    _finish(report, out_dir, as_json)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,358 @@
+"""The end-to-end job: checkpoint -> graph -> passes -> verify -> measure -> export -> report.
+
+`optimize` and `apply` share it; they differ only in where the steps come from (a planner that
+reads calibration scores, or a recipe file). Everything is written to a temporary folder next to
+the output and moved into place at the end, so a failed run leaves nothing half-written, and
+the checkpoint is only ever read.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from trimformer import __version__
+from trimformer.errors import TrimformerError
+from trimformer.graph.capture import PT2_META, Loaded, capture, checkpoint_digest, dynamic_shapes
+from trimformer.graph.flops import count_flops
+from trimformer.graph.rewrite import count_parameters
+from trimformer.graph.structure import Structure, discover
+from trimformer.optimizer import quality
+from trimformer.optimizer.pipeline import Recipe, Step, dump_recipe, parse_shape, run_steps
+from trimformer.optimizer.text import TextSplit, load_text_file, python_docs_split
+from trimformer.passes.base import Context
+
+SCHEMA_VERSION = 1
+Progress = Callable[[str], None]
+
+
+@dataclass
+class RunOptions:
+    out: Path
+    shape: str = "8x128"
+    runtimes: tuple[str, ...] = ("torch", "onnxruntime")
+    threads: int = 2
+    text: Path | None = None
+    calib_batches: int = 4
+    eval_batches: int = 4
+    batch_size: int = 4
+    seq_len: int = 128
+    onnx: bool = True
+    force: bool = False
+    repeats: int = 10
+    rounds: int = 3
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """A captured model with its data, ready for passes."""
+
+    loaded: Loaded
+    gm: fx.GraphModule
+    structure: Structure
+    ctx: Context
+    calib: list[quality.Batch]
+    evaluation: list[quality.Batch]
+    text: TextSplit | None
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise TrimformerError(
+            f"output folder {out} already exists and is not empty; choose another --out or "
+            "pass --force to replace it"
+        )
+
+
+def _text_batches(loaded: Loaded, docs: tuple[str, ...], opts: RunOptions, n: int) -> list:
+    seq = min(opts.seq_len, loaded.max_seq)
+    return quality.make_text_batches(
+        loaded.tokenizer, docs, batch_size=opts.batch_size, seq_len=seq, max_batches=n
+    )
+
+
+def prepare(loaded: Loaded, opts: RunOptions, progress: Progress) -> Prepared:
+    """Calibration and evaluation batches, capture, structure."""
+    torch.manual_seed(0)
+    split: TextSplit | None = None
+    if loaded.kind == "image":
+        calib = quality.make_image_batches(
+            loaded.image_size,
+            loaded.channels,
+            batch_size=opts.batch_size,
+            max_batches=opts.calib_batches,
+            seed=0,
+        )
+        evaluation = quality.make_image_batches(
+            loaded.image_size,
+            loaded.channels,
+            batch_size=opts.batch_size,
+            max_batches=opts.eval_batches,
+            seed=1,
+        )
+    else:
+        if loaded.tokenizer is None:
+            raise TrimformerError(
+                f"{loaded.source}: no tokenizer to make calibration text from; optimize the "
+                "Hugging Face folder instead of the bare .pt2"
+            )
+        split = load_text_file(opts.text) if opts.text else python_docs_split()
+        calib = _text_batches(loaded, split.calibration, opts, opts.calib_batches)
+        evaluation = _text_batches(loaded, split.heldout, opts, opts.eval_batches)
+    progress(f"capturing {loaded.source} with torch.export")
+    gm = capture(loaded, calib[0].inputs)
+    structure = discover(gm)
+    if not structure.blocks:
+        detail = "; ".join(structure.unmatched[:3]) or "no attention or MLP sub-layers matched"
+        raise TrimformerError(
+            f"{loaded.source}: no transformer blocks found in the graph ({detail}); "
+            "run `trimformer inspect` on it to see what was matched"
+        )
+    ctx = Context(kind=loaded.kind, batches=[b.inputs for b in calib])
+    return Prepared(loaded, gm, structure, ctx, calib, evaluation, split)
+
+
+def shape_inputs(loaded: Loaded, shape: str) -> dict[str, torch.Tensor]:
+    """Deterministic inputs at BATCHxSEQ for latency and FLOPs (images: BATCH images)."""
+    b, s = parse_shape(shape)
+    g = torch.Generator().manual_seed(0)
+    if loaded.kind == "image":
+        size = loaded.image_size
+        return {"pixel_values": torch.randn(b, loaded.channels, size, size, generator=g)}
+    if s > loaded.max_seq:
+        raise TrimformerError(
+            f"--shape {shape}: sequence {s} is longer than the model's context {loaded.max_seq}"
+        )
+    vocab = loaded.vocab_size or 1000
+    ids = torch.randint(5, max(6, vocab), (b, s), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def verification_inputs(loaded: Loaded, traced: dict[str, torch.Tensor]) -> list[dict]:
+    """Two shapes other than the traced one, one with a padded row."""
+    g = torch.Generator().manual_seed(1)
+    if loaded.kind == "image":
+        size = loaded.image_size
+        return [
+            {"pixel_values": torch.randn(n, loaded.channels, size, size, generator=g)}
+            for n in (1, 3)
+        ]
+    tb, ts = traced["input_ids"].shape
+    vocab = loaded.vocab_size or 1000
+    sets = []
+    for b, s in ((tb + 1, max(3, ts // 2 - 3)), (2, min(loaded.max_seq, ts + 37))):
+        ids = torch.randint(5, max(6, vocab), (b, s), generator=g)
+        mask = torch.ones_like(ids)
+        mask[-1, s - s // 3 :] = 0
+        sets.append({"input_ids": ids, "attention_mask": mask})
+    return sets
+
+
+def run(
+    loaded: Loaded,
+    prepared: Prepared,
+    steps: list[Step],
+    opts: RunOptions,
+    progress: Progress,
+    recipe_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Apply steps, measure, export and write the run folder; returns the report dict."""
+    from trimformer.cost_model.measure import measure_interleaved, ort_runner, torch_runner
+    from trimformer.export.onnx import export_onnx, ort_session, verify_onnx
+    from trimformer.export.pt2 import export_program, save_pt2
+
+    original = prepared.gm
+    optimized = copy.deepcopy(original)
+    sample = prepared.calib[0].inputs
+    at_shape = shape_inputs(loaded, opts.shape)
+    progress("applying passes: " + ", ".join(s.spec.name for s in steps))
+    structure, records = run_steps(
+        optimized, steps, prepared.ctx, sample, at_shape, on_step=lambda n: progress(f"  {n}")
+    )
+
+    progress("evaluating quality on held-out data")
+    reference = quality.reference_outputs(original, prepared.evaluation)
+    before = quality.evaluate(loaded.kind, original, prepared.evaluation, reference)
+    after = quality.evaluate(loaded.kind, optimized, prepared.evaluation, reference)
+
+    digest = checkpoint_digest(loaded.source) if loaded.source else None
+    recipe = Recipe(
+        model=str(loaded.source),
+        model_sha256=digest,
+        shape=opts.shape,
+        passes=[s.to_entry() for s in steps],
+    )
+    dyn = dynamic_shapes(loaded, sample)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.", dir=opts.out.parent))
+    try:
+        progress("exporting model.pt2")
+        program = export_program(optimized, sample, dyn)
+        meta = {
+            "kind": loaded.kind,
+            "max_seq": loaded.max_seq,
+            "image_size": loaded.image_size,
+            "channels": loaded.channels,
+            "vocab_size": loaded.vocab_size,
+            "tokenizer_source": str(loaded.source) if loaded.tokenizer is not None else None,
+            "trimformer": __version__,
+        }
+        save_pt2(program, tmp / "model.pt2", extra_files={PT2_META: json.dumps(meta)})
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp / "tokenizer")
+
+        exports: dict[str, Any] = {"pt2": "model.pt2"}
+        runners: dict[str, Callable[[], object]] = {
+            "torch/original": torch_runner(original, at_shape),
+            "torch/optimized": torch_runner(optimized, at_shape),
+        }
+        runtime_of = {"torch/original": "torch", "torch/optimized": "torch"}
+        if "torch" not in opts.runtimes:
+            runners, runtime_of = {}, {}
+        if opts.onnx:
+            progress("exporting model.onnx and verifying it in onnxruntime")
+            onnx_info = export_onnx(optimized, sample, dyn, tmp / "model.onnx")
+            check = verify_onnx(
+                tmp / "model.onnx",
+                optimized,
+                verification_inputs(loaded, sample),
+                threads=opts.threads,
+            )
+            exports["onnx"] = {**_asdict(onnx_info), "verification": _asdict(check)}
+            if "onnxruntime" in opts.runtimes:
+                base_dir = Path(tempfile.mkdtemp(prefix="trimformer-baseline-"))
+                try:
+                    export_onnx(original, sample, dyn, base_dir / "model.onnx")
+                    sess_o = ort_session(base_dir / "model.onnx", opts.threads)
+                    sess_n = ort_session(tmp / "model.onnx", opts.threads)
+                    runners["onnxruntime/original"] = ort_runner(sess_o, at_shape)
+                    runners["onnxruntime/optimized"] = ort_runner(sess_n, at_shape)
+                    runtime_of["onnxruntime/original"] = "onnxruntime"
+                    runtime_of["onnxruntime/optimized"] = "onnxruntime"
+                    latency = _measure(measure_interleaved, runners, runtime_of, opts, progress)
+                finally:
+                    shutil.rmtree(base_dir, ignore_errors=True)
+            else:
+                latency = _measure(measure_interleaved, runners, runtime_of, opts, progress)
+        else:
+            latency = _measure(measure_interleaved, runners, runtime_of, opts, progress)
+
+        report = build_report(
+            loaded, prepared, structure, records, before, after, latency, exports, opts, digest
+        )
+        (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        _move_into_place(tmp, opts.out, opts.force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(obj):
+        return json.loads(json.dumps(asdict(obj), default=str))
+    return dict(obj)
+
+
+def _measure(measure, runners, runtime_of, opts: RunOptions, progress: Progress) -> dict:
+    if not runners:
+        return {}
+    progress(f"measuring latency at {opts.shape}, {opts.threads} threads ({', '.join(runners)})")
+    stats = measure(
+        runners,
+        repeats=opts.repeats,
+        rounds=opts.rounds,
+        threads=opts.threads,
+        shape=opts.shape,
+        runtime=runtime_of,
+    )
+    out: dict[str, Any] = {"shape": opts.shape, "threads": opts.threads, "runs": {}}
+    for name, lat in stats.items():
+        out["runs"][name] = lat.to_dict()
+    out["speedup"] = {}
+    for rt in ("torch", "onnxruntime"):
+        if f"{rt}/original" in stats:
+            o = stats[f"{rt}/original"].median_ms
+            n = stats[f"{rt}/optimized"].median_ms
+            out["speedup"][rt] = round(o / n, 4)
+    return out
+
+
+def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
+    if out.exists():
+        if not force and any(out.iterdir()):
+            raise TrimformerError(f"output folder {out} appeared while running; not replacing it")
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def build_report(
+    loaded: Loaded,
+    prepared: Prepared,
+    structure: Structure,
+    records: list,
+    before: quality.QualityResult,
+    after: quality.QualityResult,
+    latency: dict[str, Any],
+    exports: dict[str, Any],
+    opts: RunOptions,
+    digest: str | None,
+) -> dict[str, Any]:
+    at_shape = shape_inputs(loaded, opts.shape)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "trimformer": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "environment": {
+            "torch": torch.__version__,
+            "threads": opts.threads,
+            "device": "cpu",
+            "cpu_count": os.cpu_count(),
+        },
+        "model": {
+            "source": str(loaded.source),
+            "sha256": digest,
+            "kind": loaded.kind,
+            **{k: v for k, v in loaded.meta.items() if k in ("model_type", "architectures")},
+        },
+        "data": {
+            "text": prepared.text.source if prepared.text else "synthetic images",
+            "calibration_batches": len(prepared.calib),
+            "evaluation_batches": len(prepared.evaluation),
+            "batch_shape": list(next(iter(prepared.calib[0].inputs.values())).shape),
+        },
+        "structure": {"before": prepared.structure.summary(), "after": structure.summary()},
+        "baseline": {
+            "params": count_parameters(prepared.gm),
+            "flops": count_flops(prepared.gm, at_shape),
+        },
+        "passes": [r.to_dict() for r in records],
+        "result": {
+            "params": records[-1].params_after if records else count_parameters(prepared.gm),
+            "flops": records[-1].flops_after if records else count_flops(prepared.gm, at_shape),
+        },
+        "quality": {
+            "before": before.to_dict(),
+            "after": after.to_dict(),
+            "delta": quality.quality_delta(loaded.kind, before, after),
+        },
+        "latency": latency,
+        "exports": exports,
+        **({"options": opts.extra} if opts.extra else {}),
+    }

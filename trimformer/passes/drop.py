@@ -1,0 +1,198 @@
+"""drop — remove attention sub-layers, MLP sub-layers or whole blocks (lossy).
+
+Paper: "What Matters in Transformers? Not All Attention is Needed" (He et al., 2024).
+
+Importance of a sub-layer (the paper's similarity metric): with X the hidden state entering it
+and Y the hidden state after its residual add (its norm counted as part of it),
+
+    importance = 1 - cos(X, Y)        averaged over every non-pad calibration token, in fp32.
+
+A low score means the sub-layer barely changes the residual stream; the n lowest are dropped,
+either all at once (one-shot) or one at a time, re-scoring the graph after each drop (iterative).
+A block's importance is the same measure across the whole block.
+
+Realizing a drop:
+
+    pre-norm (Llama, GPT-2, ViT)          post-norm (BERT)
+      x ─┬─ norm ─ branch ─┐                x ─┬─ branch ─┐
+         └──────────────── add ─▶ y            └────────── add ─ norm ─▶ y
+    after: y := x                          after: y := x   (the norm goes with the sub-layer)
+
+Post-norm rule: the norm after the residual add belongs to the sub-layer, so a dropped sub-layer
+passes its input through unchanged. Its input is already the previous norm's output, and that is
+what the importance score compares against, so the score and the drop measure the same thing.
+Dead branch nodes and their weights are then removed from the graph.
+
+Indices refer to the blocks of the graph this pass receives (`trimformer inspect` lists them).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import fx
+
+from trimformer.errors import PassError
+from trimformer.graph.rewrite import finish, tap
+from trimformer.graph.structure import Block, Structure, SubLayer, discover
+from trimformer.passes.base import Context, PassConfig, PassSpec
+
+
+class DropConfig(PassConfig):
+    attention: list[int] = Field(default_factory=list, description="blocks whose attention goes")
+    mlp: list[int] = Field(default_factory=list, description="blocks whose MLP goes")
+    blocks: list[int] = Field(default_factory=list, description="blocks removed whole")
+
+
+# ----------------------------------------------------------------------------- importance
+
+
+def _token_mask(batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    mask = batch.get("attention_mask")
+    if mask is None or mask.shape != hidden.shape[:2]:
+        return torch.ones(hidden.shape[:2], dtype=torch.bool)
+    return mask.bool()
+
+
+def similarity_importance(
+    gm: fx.GraphModule, pairs: list[tuple[fx.Node, fx.Node]], ctx: Context
+) -> list[float]:
+    """1 - mean cosine(input, output) over non-pad tokens, for each (input, output) node pair."""
+    nodes = [n for pair in pairs for n in pair]
+    probe = tap(gm, nodes)
+    total = torch.zeros(len(pairs), dtype=torch.float64)
+    count = 0
+    with torch.no_grad():
+        for batch in ctx.batches:
+            vals = probe(**batch)
+            mask = _token_mask(batch, vals[0])
+            for i in range(len(pairs)):
+                x = vals[2 * i].float()[mask]
+                y = vals[2 * i + 1].float()[mask]
+                total[i] += torch.nn.functional.cosine_similarity(x, y, dim=-1).double().sum()
+            count += int(mask.sum())
+    return [float(1.0 - t / count) for t in total]
+
+
+def score(gm: fx.GraphModule, structure: Structure, ctx: Context) -> dict:
+    """Importance of every attention sub-layer, MLP sub-layer and block."""
+    subs = structure.sublayers()
+    blocks = list(structure.blocks)
+    pairs = [(s.residual, s.output) for s in subs] + [(b.input, b.output) for b in blocks]
+    values = similarity_importance(gm, pairs, ctx)
+    out: dict[str, dict[int, float]] = {"attention": {}, "mlp": {}, "blocks": {}}
+    k = 0
+    for b in blocks:
+        for s in b.sublayers:
+            out[s.kind][b.index] = round(values[k], 6)
+            k += 1
+    for b in blocks:
+        out["blocks"][b.index] = round(values[k], 6)
+        k += 1
+    return out
+
+
+# ----------------------------------------------------------------------------- rewrite
+
+
+def _bypass(gm: fx.GraphModule, s: SubLayer) -> None:
+    """Make the sub-layer's output its input; the branch becomes dead code."""
+    out = s.post_norm.output if s.post_norm is not None else s.add
+    out.replace_all_uses_with(s.residual)
+
+
+def _resolve(structure: Structure, config: DropConfig) -> list[SubLayer]:
+    n = len(structure.blocks)
+    chosen: list[SubLayer] = []
+    for field_name in ("attention", "mlp", "blocks"):
+        for i in getattr(config, field_name):
+            if not 0 <= i < n:
+                raise PassError(
+                    f"drop: {field_name} index {i} is out of range (the graph has {n} blocks, "
+                    f"0..{n - 1}); see `trimformer inspect`"
+                )
+            b: Block = structure.blocks[i]
+            if field_name == "blocks":
+                chosen.extend(b.sublayers)
+                continue
+            s = b.attention if field_name == "attention" else b.mlp
+            if s is None:
+                raise PassError(f"drop: block {i} has no {field_name} sub-layer left to drop")
+            chosen.append(s)
+    return list(dict.fromkeys(chosen))
+
+
+def drop_layers(gm: fx.GraphModule, structure: Structure, config: DropConfig, ctx: Context) -> dict:
+    subs = _resolve(structure, config)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    # Later sub-layers first: each bypass rewires users of a node that earlier ones still see.
+    for s in sorted(subs, key=lambda s: order[s.add], reverse=True):
+        _bypass(gm, s)
+    finish(gm)
+    return {
+        "removed": [
+            {"block": b.index, "kind": s.kind, "name": s.name}
+            for b in structure.blocks
+            for s in b.sublayers
+            if s in subs
+        ],
+        "attention_removed": sum(s.kind == "attention" for s in subs),
+        "mlp_removed": sum(s.kind == "mlp" for s in subs),
+    }
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+Unit = Literal["attention", "mlp", "blocks"]
+
+
+def plan(
+    gm: fx.GraphModule,
+    structure: Structure,
+    ctx: Context,
+    counts: dict[Unit, int],
+    mode: Literal["one-shot", "iterative"] = "one-shot",
+) -> tuple[DropConfig, dict]:
+    """Choose the n most redundant units of each kind; returns the resolved config and scores."""
+    scores = score(gm, structure, ctx)
+    for unit, n in counts.items():
+        avail = len(scores[unit])
+        if n > avail:
+            raise PassError(f"drop: asked to drop {n} {unit} but the graph has {avail}")
+    if mode == "one-shot":
+        chosen = {u: sorted(sorted(scores[u], key=scores[u].get)[:n]) for u, n in counts.items()}
+        return DropConfig(**chosen), scores
+    # Iterative: drop the single most redundant unit, re-score the smaller graph, repeat. A copy
+    # keeps node names, so a residual add's name maps a block back to its index in `gm`.
+    origin = {s.add.name: b.index for b in structure.blocks for s in b.sublayers}
+    work = copy.deepcopy(gm)
+    work_structure = discover(work)
+    chosen_it: dict[str, list[int]] = {u: [] for u in counts}
+    for unit, n in counts.items():
+        for _ in range(n):
+            s = score(work, work_structure, ctx)
+            pick = min(s[unit], key=s[unit].get)
+            chosen_it[unit].append(origin[work_structure.blocks[pick].sublayers[0].add.name])
+            drop_layers(work, work_structure, DropConfig(**{unit: [pick]}), ctx)
+            work_structure = discover(work)
+    return DropConfig(**{u: sorted(v) for u, v in chosen_it.items()}), scores
+
+
+SPEC = PassSpec(
+    name="drop",
+    summary="remove redundant attention/MLP sub-layers or whole blocks (LLM-Drop similarity)",
+    exactness="lossy",
+    config=DropConfig,
+    knobs={
+        "attention": "which blocks lose their attention sub-layer",
+        "mlp": "which blocks lose their MLP sub-layer",
+        "blocks": "which blocks are removed whole",
+    },
+    apply=drop_layers,
+    score=score,
+    paper="What Matters in Transformers? Not All Attention is Needed (2024)",
+)
