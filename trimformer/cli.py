@@ -354,6 +354,68 @@ def apply(
     _finish(report, out_dir, as_json)
 
 
+# ----------------------------------------------------------------------------- export
+
+
+@app.command()
+@_guard
+def export(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder with model.pt2.")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+    threads: Annotated[int, typer.Option()] = 2,
+    quiet: Quiet = False,
+) -> None:
+    """(Re)export a run's program to ONNX and verify it in onnxruntime at unseen shapes.
+
+    Example:
+
+      trimformer export runs/demo --format onnx
+    """
+    progress = _setup(quiet)
+    if fmt != "onnx":
+        _fail(f"--format {fmt!r}: only onnx can be re-exported (model.pt2 is the source)", 2)
+    from trimformer.optimizer.run import reexport_onnx
+
+    check = reexport_onnx(run_dir, threads, progress)
+    out.print(f"wrote {run_dir}/model.onnx; verified in onnxruntime: {check}")
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+@app.command()
+@_guard
+def bench(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder.")],
+    runtime: Annotated[str, typer.Option(help="torch, onnxruntime, or both.")] = "both",
+    shape: Annotated[str, typer.Option(help="BATCHxSEQ.")] = "8x128",
+    threads: Annotated[int, typer.Option()] = 2,
+    repeats: Annotated[int, typer.Option(help="Runs per round.")] = 10,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds.")] = 3,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+) -> None:
+    """Measure a run's program against its original checkpoint, interleaved, in one process.
+
+    Example:
+
+      trimformer bench runs/demo --runtime onnxruntime --shape 1x128
+    """
+    progress = _setup(quiet)
+    if runtime not in ("torch", "onnxruntime", "both"):
+        _fail(f"--runtime {runtime!r}: use torch, onnxruntime or both", 2)
+    from trimformer.optimizer.run import bench_run
+
+    runtimes = ("torch", "onnxruntime") if runtime == "both" else (runtime,)
+    result = bench_run(run_dir, runtimes, shape, threads, repeats, rounds, progress)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    from trimformer.report.render import latency_table
+
+    out.print(latency_table(result))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -91,9 +91,7 @@ def save_pt2(
     logger.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
 
 
-def load_pt2(
-    path: Path, extra_files: dict[str, str] | None = None
-) -> torch.export.ExportedProgram:
+def load_pt2(path: Path, extra_files: dict[str, str] | None = None) -> torch.export.ExportedProgram:
     """Read a `.pt2` written by `save_pt2` (or `torch.export.save`).
 
     Entries named in `extra_files` are filled in place with their stored text (or left as given).

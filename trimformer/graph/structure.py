@@ -1,4 +1,4 @@
-"""Find the transformer structure in an ATen graph: blocks, attention and MLP sites, norms, residuals.
+"""Find the transformer structure in an ATen graph: blocks, attention, MLPs, norms, residuals.
 
 Found from the ops, not from module names (those are only labels for people):
 

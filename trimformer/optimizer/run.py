@@ -169,8 +169,7 @@ def run(
     recipe_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Apply steps, measure, export and write the run folder; returns the report dict."""
-    from trimformer.cost_model.measure import measure_interleaved, ort_runner, torch_runner
-    from trimformer.export.onnx import export_onnx, ort_session, verify_onnx
+    from trimformer.export.onnx import export_onnx, verify_onnx
     from trimformer.export.pt2 import export_program, save_pt2
 
     original = prepared.gm
@@ -213,13 +212,6 @@ def run(
             loaded.tokenizer.save_pretrained(tmp / "tokenizer")
 
         exports: dict[str, Any] = {"pt2": "model.pt2"}
-        runners: dict[str, Callable[[], object]] = {
-            "torch/original": torch_runner(original, at_shape),
-            "torch/optimized": torch_runner(optimized, at_shape),
-        }
-        runtime_of = {"torch/original": "torch", "torch/optimized": "torch"}
-        if "torch" not in opts.runtimes:
-            runners, runtime_of = {}, {}
         if opts.onnx:
             progress("exporting model.onnx and verifying it in onnxruntime")
             onnx_info = export_onnx(optimized, sample, dyn, tmp / "model.onnx")
@@ -230,24 +222,17 @@ def run(
                 threads=opts.threads,
             )
             exports["onnx"] = {**_asdict(onnx_info), "verification": _asdict(check)}
-            if "onnxruntime" in opts.runtimes:
-                base_dir = Path(tempfile.mkdtemp(prefix="trimformer-baseline-"))
-                try:
-                    export_onnx(original, sample, dyn, base_dir / "model.onnx")
-                    sess_o = ort_session(base_dir / "model.onnx", opts.threads)
-                    sess_n = ort_session(tmp / "model.onnx", opts.threads)
-                    runners["onnxruntime/original"] = ort_runner(sess_o, at_shape)
-                    runners["onnxruntime/optimized"] = ort_runner(sess_n, at_shape)
-                    runtime_of["onnxruntime/original"] = "onnxruntime"
-                    runtime_of["onnxruntime/optimized"] = "onnxruntime"
-                    latency = _measure(measure_interleaved, runners, runtime_of, opts, progress)
-                finally:
-                    shutil.rmtree(base_dir, ignore_errors=True)
-            else:
-                latency = _measure(measure_interleaved, runners, runtime_of, opts, progress)
-        else:
-            latency = _measure(measure_interleaved, runners, runtime_of, opts, progress)
-
+        latency = measure_programs(
+            original,
+            optimized,
+            tmp / "model.onnx" if opts.onnx else None,
+            sample,
+            dyn,
+            at_shape,
+            opts.runtimes,
+            opts,
+            progress,
+        )
         report = build_report(
             loaded, prepared, structure, records, before, after, latency, exports, opts, digest
         )
@@ -261,37 +246,162 @@ def run(
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
+    """JSON-ready dict of an export/verification record, with file paths made run-relative."""
     from dataclasses import asdict, is_dataclass
 
-    if is_dataclass(obj):
-        return json.loads(json.dumps(asdict(obj), default=str))
-    return dict(obj)
+    if hasattr(obj, "to_dict"):
+        d = obj.to_dict()
+    elif is_dataclass(obj):
+        d = asdict(obj)
+    else:
+        d = dict(obj)
+    d = json.loads(json.dumps(d, default=str))
+    if "path" in d:
+        d["path"] = Path(d["path"]).name
+    if "files" in d:
+        d["files"] = [Path(f).name for f in d["files"]]
+    return d
 
 
-def _measure(measure, runners, runtime_of, opts: RunOptions, progress: Progress) -> dict:
-    if not runners:
-        return {}
-    progress(f"measuring latency at {opts.shape}, {opts.threads} threads ({', '.join(runners)})")
-    stats = measure(
-        runners,
-        repeats=opts.repeats,
-        rounds=opts.rounds,
-        threads=opts.threads,
-        shape=opts.shape,
-        runtime=runtime_of,
+def measure_programs(
+    original: torch.nn.Module,
+    optimized: torch.nn.Module,
+    optimized_onnx: Path | None,
+    sample: dict[str, torch.Tensor],
+    dyn: dict[str, Any],
+    at_shape: dict[str, torch.Tensor],
+    runtimes: tuple[str, ...],
+    opts: RunOptions,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Original vs optimized on each runtime, all runners interleaved in one measurement.
+
+    onnxruntime needs the original as ONNX too; it is exported to a temporary folder (same
+    exporter and settings as the optimized one) and deleted afterwards.
+    """
+    from trimformer.cost_model.measure import measure_interleaved, ort_runner, torch_runner
+    from trimformer.export.onnx import export_onnx, ort_session
+
+    runners: dict[str, Callable[[], object]] = {}
+    runtime_of: dict[str, str] = {}
+    if "torch" in runtimes:
+        runners["torch/original"] = torch_runner(original, at_shape)
+        runners["torch/optimized"] = torch_runner(optimized, at_shape)
+    base_dir = None
+    try:
+        if "onnxruntime" in runtimes:
+            if optimized_onnx is None:
+                raise TrimformerError("onnxruntime latency needs the ONNX export; drop --no-onnx")
+            progress("exporting the original to ONNX for the onnxruntime baseline")
+            base_dir = Path(tempfile.mkdtemp(prefix="trimformer-baseline-"))
+            export_onnx(original, sample, dyn, base_dir / "model.onnx")
+            runners["onnxruntime/original"] = ort_runner(
+                ort_session(base_dir / "model.onnx", opts.threads), at_shape
+            )
+            runners["onnxruntime/optimized"] = ort_runner(
+                ort_session(optimized_onnx, opts.threads), at_shape
+            )
+        for name in runners:
+            runtime_of[name] = name.split("/")[0]
+        if not runners:
+            return {}
+        progress(f"measuring at {opts.shape}, {opts.threads} threads: {', '.join(runners)}")
+        stats = measure_interleaved(
+            runners,
+            repeats=opts.repeats,
+            rounds=opts.rounds,
+            threads=opts.threads,
+            shape=opts.shape,
+            runtime=runtime_of,
+        )
+    finally:
+        if base_dir is not None:
+            shutil.rmtree(base_dir, ignore_errors=True)
+    result: dict[str, Any] = {
+        "shape": opts.shape,
+        "threads": opts.threads,
+        "runs": {name: lat.to_dict() for name, lat in stats.items()},
+        "speedup": {},
+    }
+    for rt in runtimes:
+        o, n = stats[f"{rt}/original"], stats[f"{rt}/optimized"]
+        result["speedup"][rt] = round(o.median_ms / n.median_ms, 4)
+    return result
+
+
+def _load_run(run_dir: Path) -> tuple[dict[str, Any], Loaded]:
+    from trimformer.graph.capture import load_checkpoint
+    from trimformer.report.render import load_report
+
+    report = load_report(run_dir)
+    return report, load_checkpoint(run_dir / "model.pt2")
+
+
+def reexport_onnx(run_dir: Path, threads: int, progress: Progress) -> dict[str, Any]:
+    """Export a run's model.pt2 to ONNX again, verify it, and replace model.onnx in the run."""
+    from trimformer.export.onnx import export_onnx, verify_onnx
+
+    report, loaded = _load_run(run_dir)
+    module = loaded.module
+    sample = _sample_inputs(loaded, report)
+    tmp = Path(tempfile.mkdtemp(prefix=".onnx.", dir=run_dir))
+    try:
+        progress(f"exporting {run_dir}/model.pt2 to ONNX")
+        info = export_onnx(module, sample, dynamic_shapes(loaded, sample), tmp / "model.onnx")
+        check = verify_onnx(
+            tmp / "model.onnx", module, verification_inputs(loaded, sample), threads=threads
+        )
+        for f in run_dir.glob("model.onnx*"):
+            f.unlink()
+        for f in tmp.iterdir():
+            os.replace(f, run_dir / f.name)
+        report.setdefault("exports", {})["onnx"] = {
+            **_asdict(info),
+            "verification": _asdict(check),
+        }
+        (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _asdict(check)
+
+
+def _sample_inputs(loaded: Loaded, report: dict[str, Any]) -> dict[str, torch.Tensor]:
+    b, s = report.get("data", {}).get("batch_shape", [4, 64])[:2]
+    if loaded.kind == "image":
+        return shape_inputs(loaded, f"{max(2, b)}x1")
+    return shape_inputs(loaded, f"{max(2, b)}x{max(2, min(s, loaded.max_seq))}")
+
+
+def bench_run(
+    run_dir: Path,
+    runtimes: tuple[str, ...],
+    shape: str,
+    threads: int,
+    repeats: int,
+    rounds: int,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Latency of a run's program against the checkpoint it was made from, at any shape."""
+    from trimformer.graph.capture import load_checkpoint
+
+    report, optimized = _load_run(run_dir)
+    source = Path(report["model"]["source"])
+    original = load_checkpoint(source)
+    opts = RunOptions(out=run_dir, shape=shape, threads=threads, repeats=repeats, rounds=rounds)
+    prep = prepare(original, RunOptions(out=run_dir, calib_batches=1, eval_batches=1), progress)
+    sample = prep.calib[0].inputs
+    onnx_path = run_dir / "model.onnx"
+    return measure_programs(
+        prep.gm,
+        optimized.module,
+        onnx_path if onnx_path.is_file() else None,
+        sample,
+        dynamic_shapes(original, sample),
+        shape_inputs(original, shape),
+        runtimes,
+        opts,
+        progress,
     )
-    out: dict[str, Any] = {"shape": opts.shape, "threads": opts.threads, "runs": {}}
-    for name, lat in stats.items():
-        out["runs"][name] = lat.to_dict()
-    out["speedup"] = {}
-    for rt in ("torch", "onnxruntime"):
-        if f"{rt}/original" in stats:
-            o = stats[f"{rt}/original"].median_ms
-            n = stats[f"{rt}/optimized"].median_ms
-            out["speedup"][rt] = round(o / n, 4)
-    return out
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:

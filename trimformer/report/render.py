@@ -67,6 +67,24 @@ def print_structure(console: Console, info: dict[str, Any]) -> None:
             console.print(f"  - {u}")
 
 
+def latency_table(lat: dict[str, Any]) -> Table:
+    """Original vs optimized medians per runtime, with the shape and threads they were taken at."""
+    t = Table(title=f"latency at {lat['shape']}, {lat['threads']} threads (median ms, p10-p90)")
+    for c in ("runtime", "original", "optimized", "speedup"):
+        t.add_column(c)
+    for rt in ("torch", "onnxruntime"):
+        o = lat.get("runs", {}).get(f"{rt}/original")
+        n = lat.get("runs", {}).get(f"{rt}/optimized")
+        if o and n:
+            t.add_row(
+                rt,
+                f"{o['median_ms']:.2f} ({o['p10_ms']:.1f}-{o['p90_ms']:.1f})",
+                f"{n['median_ms']:.2f} ({n['p10_ms']:.1f}-{n['p90_ms']:.1f})",
+                f"{lat['speedup'][rt]:.3f}x",
+            )
+    return t
+
+
 def _latency_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     lat = report.get("latency") or {}
     rows = []
@@ -125,15 +143,8 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
     for k, v in q["before"]["metrics"].items():
         qt.add_row(k, f"{v:.4f}", f"{q['after']['metrics'].get(k, float('nan')):.4f}")
     console.print(qt)
-    rows = _latency_rows(report)
-    if rows:
-        lat = report["latency"]
-        lt = Table(title=f"latency at {lat['shape']}, {lat['threads']} threads (median ms)")
-        for c in ("runtime", "original", "optimized", "speedup"):
-            lt.add_column(c)
-        for r in rows:
-            lt.add_row(*r)
-        console.print(lt)
+    if _latency_rows(report):
+        console.print(latency_table(report["latency"]))
     ex = report.get("exports", {})
     if "onnx" in ex:
         ver = ex["onnx"]["verification"]
