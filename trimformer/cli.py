@@ -202,6 +202,20 @@ def optimize(
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder to write.")] = Path(
         "runs/latest"
     ),
+    target_speedup: Annotated[
+        float | None,
+        typer.Option(help="Search for the plan that reaches this measured speedup (e.g. 1.5)."),
+    ] = None,
+    passes_: Annotated[
+        str, typer.Option("--passes", help="Passes the search may use (comma list).")
+    ] = "drop,prune",
+    quality_floor: Annotated[
+        float | None,
+        typer.Option(
+            help="Search constraint on calibration data: minimum cosine (encoders, images) or "
+            "maximum KL in nats/token (causal LMs)."
+        ),
+    ] = None,
     drop_attention: Annotated[
         int, typer.Option(help="Drop the N most redundant attention sub-layers.")
     ] = 0,
@@ -211,7 +225,9 @@ def optimize(
         str, typer.Option(help="one-shot, or iterative (re-score after each drop).")
     ] = "one-shot",
     shape: Annotated[str, typer.Option(help="BATCHxSEQ to measure latency at.")] = "8x128",
-    runtime: Annotated[str, typer.Option(help="torch, onnxruntime, or both.")] = "both",
+    runtime: Annotated[
+        str, typer.Option(help="torch, onnxruntime, or both (the search targets torch then).")
+    ] = "both",
     threads: Annotated[int, typer.Option(help="Threads for every measurement.")] = 2,
     text: Annotated[
         Path | None, typer.Option(help="Calibration/evaluation text (.txt or .jsonl).")
@@ -250,16 +266,23 @@ def optimize(
     }
     if any(v < 0 for v in counts.values()):
         _fail("drop counts must be >= 0", 2)
-    if not counts:
+    if counts and target_speedup is not None:
+        _fail("give either --target-speedup or manual pass flags (--drop-*), not both", 2)
+    if not counts and target_speedup is None:
+        target_speedup = 1.5  # the default job: search for a 1.5x plan
+    allow = {p.strip() for p in passes_.split(",") if p.strip()}
+    from trimformer.passes import PASSES
+
+    unknown = allow - {"drop", "prune"}
+    if unknown:
         _fail(
-            "no pass asked for; give one, e.g. --drop-attention 2 (see `trimformer passes`), "
-            "or replay a recipe with `trimformer apply`",
+            f"--passes: the search can turn drop and prune, not {', '.join(sorted(unknown))}",
             2,
         )
+    allow &= set(PASSES)
     from trimformer.graph.capture import load_checkpoint
     from trimformer.optimizer.pipeline import Recipe, Step, dump_recipe, parse_shape
     from trimformer.optimizer.run import check_out_dir, prepare, run
-    from trimformer.passes import PASSES
     from trimformer.passes import drop as drop_pass
 
     parse_shape(shape)
@@ -279,19 +302,45 @@ def optimize(
         rounds=rounds,
     )
     prep = prepare(loaded, opts, progress)
-    progress(f"scoring sub-layers on {len(prep.calib)} calibration batches ({drop_mode})")
-    config, scores = drop_pass.plan(prep.gm, prep.structure, prep.ctx, counts, drop_mode)
-    steps = [
-        Step(PASSES["cleanup"], PASSES["cleanup"].config()),
-        Step(PASSES["drop"], config, importance=scores),
-    ]
+    search_result = None
+    if target_speedup is not None:
+        from trimformer.optimizer.run import run_search
+
+        search_result = run_search(
+            loaded, prep, opts, target_speedup, allow, quality_floor, dry_run, progress
+        )
+        steps = search_result.steps
+    else:
+        progress(f"scoring sub-layers on {len(prep.calib)} calibration batches ({drop_mode})")
+        config, scores = drop_pass.plan(prep.gm, prep.structure, prep.ctx, counts, drop_mode)
+        steps = [
+            Step(PASSES["cleanup"], PASSES["cleanup"].config()),
+            Step(PASSES["drop"], config, importance=scores),
+        ]
     if dry_run:
         recipe = Recipe(model=str(loaded.source), shape=shape, passes=[s.to_entry() for s in steps])
         out.print(dump_recipe(recipe), end="")
+        if search_result is not None:
+            c = search_result.chosen
+            err.print(
+                f"predicted: {c.predicted_ms:.1f} ms vs baseline {search_result.baseline_ms:.1f} "
+                f"ms ({search_result.baseline_ms / c.predicted_ms:.3f}x), calibration-loss "
+                f"{c.proxy if c.proxy is not None else 0:.4f}"
+            )
         return
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    report = run(loaded, prep, steps, opts, progress)
+    report = run(
+        loaded,
+        prep,
+        steps,
+        opts,
+        progress,
+        search=search_result.to_dict() if search_result is not None else None,
+    )
     _finish(report, out_dir, as_json)
+    if search_result is not None and not search_result.reached:
+        err.print(f"[yellow]target not reached:[/yellow] {search_result.reason}")
+        raise typer.Exit(3)
 
 
 # ----------------------------------------------------------------------------- apply

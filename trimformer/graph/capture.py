@@ -279,4 +279,8 @@ def capture(loaded: Loaded, inputs: dict[str, torch.Tensor]) -> torch.fx.GraphMo
             f"{str(e).splitlines()[0][:200] if str(e) else ''}); this model needs an export-"
             "friendly forward (no data-dependent Python control flow)"
         ) from None
-    return ep.module()
+    from trimformer.graph.rewrite import finish
+
+    gm = ep.module()
+    finish(gm)  # outputs the wrapper does not return (e.g. BERT's pooler) are dead code
+    return gm

@@ -131,9 +131,24 @@ def count_parameters(gm: fx.GraphModule) -> int:
     return total
 
 
+def _impure(node: Node) -> bool:
+    # fx treats SDPA, dropout and metadata asserts as side-effecting, which would keep a dropped
+    # branch alive (and everything feeding it). At inference they are pure functions of inputs.
+    from trimformer.graph import ops
+
+    if is_op(node, ops.SDPA | ops.DROPOUT | ops.METADATA_ASSERTS):
+        return False
+    return node.is_impure()
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """Remove nodes whose values nothing reads, inference-pure ops included."""
+    gm.graph.eliminate_dead_code(is_impure_node=_impure)
+
+
 def finish(gm: fx.GraphModule) -> None:
     """After surgery: drop dead nodes and unread weights, lint, regenerate code."""
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     remove_unused_parameters(gm)
     gm.graph.lint()
     gm.recompile()
@@ -149,6 +164,54 @@ def tap(gm: fx.GraphModule, nodes: list[Node]) -> fx.GraphModule:
         env[n] = graph.node_copy(n, lambda x: env[x])
     graph.output(tuple(env[n] for n in nodes))
     probe = fx.GraphModule(gm, graph)
-    probe.graph.eliminate_dead_code()
+    eliminate_dead_code(probe)
     probe.recompile()
     return probe
+
+
+def _fake_mode(gm: fx.GraphModule) -> Any:
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if "val" in n.meta])
+
+
+def add_param(gm: fx.GraphModule, target: str, value: torch.Tensor, *, before: Node) -> Node:
+    """Register `value` as a new frozen parameter and return a get_attr node reading it.
+
+    The name is `target` if free, else `target_1`, `target_2`, ... on the same submodule (which
+    must exist). The node is inserted before `before` and carries a fake `meta["val"]`.
+    """
+    mod_path, _, base = target.rpartition(".")
+    mod = gm.get_submodule(mod_path) if mod_path else gm
+    name, i = base, 0
+    while hasattr(mod, name):
+        i += 1
+        name = f"{base}_{i}"
+    mod.register_parameter(
+        name, torch.nn.Parameter(value.detach().contiguous(), requires_grad=False)
+    )
+    full = f"{mod_path}.{name}" if mod_path else name
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(full)
+    mode = _fake_mode(gm)
+    if mode is not None:
+        node.meta["val"] = mode.from_tensor(get_param(gm, full), static_shapes=True)
+    return node
+
+
+def annotate(node: Node, like: Node, note: str) -> None:
+    """Give a new call_function node its fake `meta["val"]` (computed from its inputs' values),
+    the module path of `like` (the node it replaces), and provenance in `meta["trimformer"]`."""
+    from torch._guards import detect_fake_mode
+
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    node.meta["trimformer"] = note
+    vals = [n.meta.get("val") for n in node.all_input_nodes]
+    mode = detect_fake_mode([v for v in vals if v is not None])
+    if mode is None or any(v is None for v in vals):
+        return
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+    with mode:
+        node.meta["val"] = node.target(*args, **kwargs)  # type: ignore[operator]

@@ -160,6 +160,10 @@ class Structure:
     def sublayers(self) -> list[SubLayer]:
         return [s for b in self.blocks for s in b.sublayers]
 
+    def block(self, index: int) -> Block | None:
+        """The block with this index (indices are those of the first discovery; may have gaps)."""
+        return next((b for b in self.blocks if b.index == index), None)
+
     def summary(self) -> dict[str, object]:
         """JSON-ready description for reports and `trimformer inspect`."""
         rows = []
@@ -575,6 +579,61 @@ def _reaches_node(n: Node, target: Node) -> bool:
 # ----------------------------------------------------------------------------- discovery
 
 
+TAG = "trimformer"  # node.meta key for provenance written by trimformer
+
+
+def _block_tag(s: SubLayer) -> int | None:
+    return s.add.meta.get(TAG, {}).get("block")
+
+
+def _tagged_blocks(subs: list[SubLayer]) -> list[Block] | None:
+    """Blocks as first found, from the tags on the residual adds (None if any is untagged).
+
+    The first discovery numbers the blocks and tags each residual add with its block index, so
+    later discoveries keep the same indices and pairings after passes remove sub-layers (the
+    original pairing is ambiguous once, say, MLP 0 and attention 1 are both gone).
+    """
+    tags = [_block_tag(s) for s in subs]
+    if not subs or any(t is None for t in tags):
+        return None
+    grouped: dict[int, dict[str, SubLayer]] = {}
+    for t, s in zip(tags, subs, strict=True):
+        if s.kind in grouped.setdefault(t, {}):  # type: ignore[arg-type]
+            return None  # two attention sub-layers with one tag: not our tagging, re-pair
+        grouped[t][s.kind] = s  # type: ignore[index]
+    return [Block(i, g.get("attention"), g.get("mlp")) for i, g in grouped.items()]
+
+
+def _pair_blocks(subs: list[SubLayer]) -> list[Block]:
+    """Pair each attention sub-layer with the MLP that reads its output; tag the pairs."""
+    blocks: list[Block] = []
+    i = 0
+    while i < len(subs):
+        s = subs[i]
+        nxt = subs[i + 1] if i + 1 < len(subs) else None
+        if (
+            (s.kind == "attention")
+            and (nxt is not None)
+            and (nxt.kind == "mlp")
+            and (_strip_casts(nxt.residual) is _strip_casts(s.output))
+        ):
+            blocks.append(Block(len(blocks), s, nxt))
+            i += 2
+        else:
+            blocks.append(
+                Block(
+                    len(blocks),
+                    s if s.kind == "attention" else None,
+                    s if s.kind == "mlp" else None,
+                )
+            )
+            i += 1
+    for b in blocks:
+        for s in b.sublayers:
+            s.add.meta[TAG] = {**s.add.meta.get(TAG, {}), "block": b.index}
+    return blocks
+
+
 def discover(gm: fx.GraphModule) -> Structure:
     """Find blocks, attention/MLP sites, norms and residual adds in `gm`'s graph."""
     linears = find_linears(gm)
@@ -634,28 +693,7 @@ def discover(gm: fx.GraphModule) -> Structure:
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     subs.sort(key=lambda s: order[s.add])
-    # A block is an attention sub-layer and the MLP that reads its output; a sub-layer whose
-    # partner was dropped by an earlier pass forms a block on its own.
-    blocks: list[Block] = []
-    i = 0
-    while i < len(subs):
-        s = subs[i]
-        nxt = subs[i + 1] if i + 1 < len(subs) else None
-        if (
-            (s.kind == "attention")
-            and (nxt is not None)
-            and (nxt.kind == "mlp")
-            and (_strip_casts(nxt.residual) is _strip_casts(s.output))
-        ):
-            blocks.append(Block(len(blocks), s, nxt))
-            i += 2
-            continue
-        if s.kind == "attention":
-            blocks.append(Block(len(blocks), s, None))
-        else:
-            blocks.append(Block(len(blocks), None, s))
-        i += 1
-
+    blocks = _tagged_blocks(subs) or _pair_blocks(subs)
     styles = set()
     for s in (x for b in blocks for x in b.sublayers):
         styles.add("pre-norm" if s.pre_norm else ("post-norm" if s.post_norm else "none"))

@@ -59,7 +59,10 @@ class Recipe(BaseModel):
     @field_validator("shape")
     @classmethod
     def _shape(cls, v: str) -> str:
-        parse_shape(v)
+        try:
+            parse_shape(v)
+        except RecipeError as e:
+            raise ValueError(str(e)) from None
         return v
 
 
@@ -168,6 +171,12 @@ def run_steps(
             structure = discover(gm)
         except PassError as e:
             raise PassError(f"pass {step.spec.name} (after {ran}): {e}") from None
+        except Exception as e:  # a graph the pass left broken: still name the pass
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            raise PassError(
+                f"pass {step.spec.name} (after {ran}) left a graph that does not run "
+                f"({type(e).__name__}: {first}); report this with the recipe"
+            ) from None
         seconds = time.perf_counter() - t0
         records.append(
             PassRecord(

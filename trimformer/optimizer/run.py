@@ -166,7 +166,7 @@ def run(
     steps: list[Step],
     opts: RunOptions,
     progress: Progress,
-    recipe_extra: dict[str, Any] | None = None,
+    search: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Apply steps, measure, export and write the run folder; returns the report dict."""
     from trimformer.export.onnx import export_onnx, verify_onnx
@@ -236,6 +236,8 @@ def run(
         report = build_report(
             loaded, prepared, structure, records, before, after, latency, exports, opts, digest
         )
+        if search is not None:
+            report["search"] = search
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         _move_into_place(tmp, opts.out, opts.force)
@@ -261,6 +263,56 @@ def _asdict(obj: Any) -> dict[str, Any]:
     if "files" in d:
         d["files"] = [Path(f).name for f in d["files"]]
     return d
+
+
+def run_search(
+    loaded: Loaded,
+    prepared: Prepared,
+    opts: RunOptions,
+    target: float,
+    allow: set[str],
+    quality_floor: float | None,
+    dry_run: bool,
+    progress: Progress,
+) -> Any:
+    """Search for a plan reaching `target` on the first runtime asked for (torch if both)."""
+    from trimformer.optimizer.search import Measurer, search
+
+    runtime = "torch" if "torch" in opts.runtimes else opts.runtimes[0]
+    sample = prepared.calib[0].inputs
+    floor = None
+    if quality_floor is not None:
+        floor = (
+            ("kl", quality_floor) if loaded.kind == "causal-lm" else ("cosine", 1.0 - quality_floor)
+        )
+    work = Path(tempfile.mkdtemp(prefix="trimformer-search-"))
+    try:
+        measurer = Measurer(
+            runtime,
+            prepared.gm,
+            sample,
+            dynamic_shapes(loaded, sample),
+            shape_inputs(loaded, opts.shape),
+            opts.shape,
+            opts.threads,
+            work,
+        )
+        return search(
+            loaded.kind,
+            prepared.gm,
+            prepared.structure,
+            prepared.ctx,
+            prepared.calib,
+            prepared.evaluation,
+            measurer,
+            target,
+            allow,
+            progress,
+            quality_floor=floor,
+            max_verify=0 if dry_run else 5,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def measure_programs(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trimformer.passes import cleanup, drop
+from trimformer.passes import cleanup, drop, prune, skip
 from trimformer.passes.base import PassSpec
 
 PASSES: dict[str, PassSpec] = {
@@ -10,5 +10,7 @@ PASSES: dict[str, PassSpec] = {
     for spec in (
         cleanup.SPEC,  # always first: later rules need dropout-free residual paths
         drop.SPEC,
+        prune.SPEC,
+        skip.SPEC,
     )
 }

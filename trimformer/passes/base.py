@@ -35,11 +35,21 @@ class PassConfig(BaseModel):
 
 @dataclass
 class Context:
-    """What a pass may read besides the graph: calibration batches and the model kind."""
+    """What a pass may read besides the graph: calibration batches and the model kind.
+
+    Passes that train (exactness "needs-training") also read:
+    - `teacher`: the original model (before any pass), called like the graph and returning one
+      tensor; `recover` distills towards it. None when the caller has not set it.
+    - `train_batches`: calibration batches for training; None means `batches`.
+    - `progress`: a callback for progress lines (training loss), or None.
+    """
 
     kind: str
     batches: list[dict[str, torch.Tensor]]
     cache: dict[str, Any] = field(default_factory=dict)
+    teacher: Callable[..., torch.Tensor] | None = None
+    train_batches: list[dict[str, torch.Tensor]] | None = None
+    progress: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ passes its input through unchanged. Its input is already the previous norm's out
 what the importance score compares against, so the score and the drop measure the same thing.
 Dead branch nodes and their weights are then removed from the graph.
 
-Indices refer to the blocks of the graph this pass receives (`trimformer inspect` lists them).
+Block indices are those of the captured model (`trimformer inspect` lists them); they stay the
+same after earlier passes removed sub-layers or whole blocks.
 """
 
 from __future__ import annotations
@@ -105,16 +106,16 @@ def _bypass(gm: fx.GraphModule, s: SubLayer) -> None:
 
 
 def _resolve(structure: Structure, config: DropConfig) -> list[SubLayer]:
-    n = len(structure.blocks)
     chosen: list[SubLayer] = []
     for field_name in ("attention", "mlp", "blocks"):
         for i in getattr(config, field_name):
-            if not 0 <= i < n:
+            b: Block | None = structure.block(i)
+            if b is None:
+                have = ", ".join(str(x.index) for x in structure.blocks)
                 raise PassError(
-                    f"drop: {field_name} index {i} is out of range (the graph has {n} blocks, "
-                    f"0..{n - 1}); see `trimformer inspect`"
+                    f"drop: {field_name} index {i} is not a block of this graph (blocks: {have}); "
+                    "see `trimformer inspect`"
                 )
-            b: Block = structure.blocks[i]
             if field_name == "blocks":
                 chosen.extend(b.sublayers)
                 continue
@@ -166,9 +167,8 @@ def plan(
     if mode == "one-shot":
         chosen = {u: sorted(sorted(scores[u], key=scores[u].get)[:n]) for u, n in counts.items()}
         return DropConfig(**chosen), scores
-    # Iterative: drop the single most redundant unit, re-score the smaller graph, repeat. A copy
-    # keeps node names, so a residual add's name maps a block back to its index in `gm`.
-    origin = {s.add.name: b.index for b in structure.blocks for s in b.sublayers}
+    # Iterative: drop the single most redundant unit, re-score the smaller graph, repeat. Block
+    # indices are stable across drops (structure tags), so picks are indices of `gm` too.
     work = copy.deepcopy(gm)
     work_structure = discover(work)
     chosen_it: dict[str, list[int]] = {u: [] for u in counts}
@@ -176,7 +176,7 @@ def plan(
         for _ in range(n):
             s = score(work, work_structure, ctx)
             pick = min(s[unit], key=s[unit].get)
-            chosen_it[unit].append(origin[work_structure.blocks[pick].sublayers[0].add.name])
+            chosen_it[unit].append(pick)
             drop_layers(work, work_structure, DropConfig(**{unit: [pick]}), ctx)
             work_structure = discover(work)
     return DropConfig(**{u: sorted(v) for u, v in chosen_it.items()}), scores

