@@ -128,10 +128,11 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_no_pass_is_a_usage_error(tmp_path: Path) -> None:
-    res = cli("optimize", "--out", tmp_path / "o")
+def test_target_and_manual_passes_conflict(tmp_path: Path) -> None:
+    res = cli("optimize", "--target-speedup", "1.5", "--drop-attention", "1", "--out", tmp_path)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
+    assert "not both" in res.stderr
 
 
 # ----------------------------------------------------------------------------- the main job

@@ -1,3 +1,3 @@
-"""trimformer: compile trained transformers into faster programs with research-grade graph passes."""
+"""trimformer: compile trained transformers into faster programs with graph passes."""
 
 __version__ = "0.1.0"

@@ -58,6 +58,10 @@ def _fail(msg: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else ""
+
+
 def _guard(fn: Any) -> Any:
     """Turn library errors into one line on stderr and exit 1; no tracebacks for users."""
     import functools
@@ -78,7 +82,7 @@ def _guard(fn: Any) -> Any:
             if os.environ.get("TRIMFORMER_DEBUG"):
                 raise
             _fail(
-                f"internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+                f"internal error ({type(e).__name__}: {_first_line(e)})"
                 "; rerun with TRIMFORMER_DEBUG=1 for the traceback and report it"
             )
 
@@ -91,7 +95,7 @@ def _guard(fn: Any) -> Any:
 @app.command()
 @_guard
 def passes(as_json: AsJson = False) -> None:
-    """List every pass: what it does, its knobs, and whether it is exact, lossy or needs training."""
+    """List every pass: what it does, its knobs, and if it is exact, lossy or needs training."""
     from trimformer.passes import PASSES
 
     rows = [

@@ -77,7 +77,7 @@ def save_pt2(
 ) -> None:
     """Write `program` to `path` (parents created); the file needs only torch to run.
 
-    `extra_files` are small text entries stored in the archive (trimformer keeps its metadata there).
+    `extra_files` are small text entries stored in the archive (trimformer's metadata).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,7 @@ class Loaded:
 
 
 def checkpoint_digest(path: Path) -> str:
-    """sha256 over the weight and config files, so a recipe can tell it is replayed on the same model."""
+    """sha256 of the weight and config files: a replayed recipe checks it is the same model."""
     h = hashlib.sha256()
     files = (
         [path]

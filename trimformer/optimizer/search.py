@@ -205,6 +205,28 @@ class Builder:
 # ----------------------------------------------------------------------------- search
 
 
+def calibration_plans(structure: Structure, allow: set[str], builder: Builder) -> list[Plan]:
+    """Two plans far from the baseline in different directions, measured to fit the cost model.
+
+    One removes whole sub-layers (the third of each kind that the similarity score ranks least
+    important), one narrows every block (half the heads and neurons), so both the matmul and the
+    per-node overhead terms are seen before the search relies on them.
+    """
+    plans = []
+    n = len(structure.blocks)
+    k = max(1, n // 3)
+    if "drop" in allow:
+        s = builder.drop_scores
+        att = sorted(s["attention"], key=s["attention"].get)[:k]
+        mlp = sorted(s["mlp"], key=s["mlp"].get)[:k]
+        plans.append(Plan(frozenset(att), frozenset(mlp)))
+    if "prune" in allow:
+        idx = [b.index for b in structure.blocks]
+        pairs = tuple((i, 0.5) for i in idx)
+        plans.append(Plan(heads_kept=pairs, neurons_kept=pairs))
+    return plans
+
+
 @dataclass
 class SearchResult:
     target: float
@@ -320,6 +342,11 @@ def search(
     model = CostModel(node_costs(gm, structure, measurer.at_shape), profile)
     model.anchor(base_ms)
     goal = base_ms / target
+    for i, plan in enumerate(calibration_plans(structure, allow, builder)):
+        progress(f"calibrating the cost model: {describe(plan)}")
+        b_ms, c_ms = measurer.measure(builder.build(plan), f"calibration-{i}")
+        model.add_point(plan, c_ms * base_ms / b_ms)
+    model.calibrate()
     blocks = [
         (b.index, kind_)
         for b in structure.blocks
