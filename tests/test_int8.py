@@ -141,9 +141,6 @@ def batches(tokenizer) -> list[quality.Batch]:
     return quality.make_text_batches(tokenizer, docs, batch_size=4, seq_len=32, max_batches=2)
 
 
-_CAPTURED: dict[str, Captured] = {}
-
-
 @pytest.fixture(scope="module")
 def bert(tokenizer, batches) -> Captured:
     """Tiny BERT with MiniLM's vocabulary, captured on a real text batch."""
@@ -153,18 +150,26 @@ def bert(tokenizer, batches) -> Captured:
     return Captured(loaded, capture(loaded, inputs), inputs, check)
 
 
+def _captured(name: str) -> Captured:
+    loaded = build(name)
+    inputs = text_inputs(2, 8)
+    return Captured(loaded, capture(loaded, inputs), inputs, text_inputs(3, 7, seed=1))
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> Captured:
+    return _captured("gpt2")
+
+
+@pytest.fixture(scope="module")
+def llama() -> Captured:
+    return _captured("llama")
+
+
 @pytest.fixture
 def captured(request: pytest.FixtureRequest) -> Captured:
-    """Indirect parametrization over "bert", "gpt2", "llama"."""
-    if request.param == "bert":
-        return request.getfixturevalue("bert")
-    if request.param not in _CAPTURED:
-        loaded = build(request.param)
-        inputs = text_inputs(2, 8)
-        _CAPTURED[request.param] = Captured(
-            loaded, capture(loaded, inputs), inputs, text_inputs(3, 7, seed=1)
-        )
-    return _CAPTURED[request.param]
+    """Indirect parametrization over the fixtures "bert", "gpt2", "llama"."""
+    return request.getfixturevalue(request.param)
 
 
 def ops(model: onnx.ModelProto) -> dict[str, int]:

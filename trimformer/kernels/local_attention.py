@@ -302,6 +302,24 @@ def _pairs(i: Tensor, j: Tensor, w: int, s: int, causal: bool) -> Tensor:
     return band | sinks
 
 
+@functools.lru_cache(maxsize=256)
+def _edge_pattern(
+    r0: int, r1: int, n: int, w: int, s: int, causal: bool, dtype: torch.dtype, device: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows [r0, r1): the key columns they can see (sinks, then the span), the pattern over
+    them as bool (R, K), and as a float bias (0 / -inf). Cached: the edges repeat every layer."""
+    k0 = max(0, r0 - (w - 1))
+    k1 = min(n, r1 + (0 if causal else w - 1))
+    if k0 <= s:  # the sinks touch the span: keys [0, k1)
+        cols = torch.arange(k1, device=device)
+    else:
+        cols = torch.cat([torch.arange(s, device=device), torch.arange(k0, k1, device=device)])
+    rows = torch.arange(r0, r1, device=device).view(-1, 1)
+    allowed = _pairs(rows, cols.view(1, -1), w, s, causal)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, -math.inf)
+    return cols, allowed, bias
+
+
 def _rows(
     q: Tensor,
     k: Tensor,
@@ -319,34 +337,24 @@ def _rows(
     if r1 <= r0:
         return
     n = q.shape[-2]
-    k0 = max(0, r0 - (w - 1))
-    k1 = min(n, r1 + (0 if causal else w - 1))
-    dev = q.device
-    if k0 <= s:  # the sinks touch the span: keys [0, k1)
-        cols = torch.arange(k1, device=dev)
+    cols, allowed, bias = _edge_pattern(r0, r1, n, w, s, causal, q.dtype, str(q.device))
+    k1 = int(cols[-1]) + 1
+    if cols.numel() == k1:  # contiguous keys [0, k1)
         kk, vv = k[:, :, :k1], v[:, :, :k1]
-    else:  # sinks, then the span
-        cols = torch.cat([torch.arange(s, device=dev), torch.arange(k0, k1, device=dev)])
-        kk = torch.cat([k[:, :, :s], k[:, :, k0:k1]], dim=2)
-        vv = torch.cat([v[:, :, :s], v[:, :, k0:k1]], dim=2)
-    rows = torch.arange(r0, r1, device=dev).view(-1, 1)
-    allowed = _pairs(rows, cols.view(1, -1), w, s, causal)  # (R, K)
-    if mask is None:
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=dev)
-        bias.masked_fill_(~allowed, -math.inf)
     else:
+        kk, vv = k.index_select(2, cols), v.index_select(2, cols)
+    if mask is not None:
         g = mask if mask.shape[-2] == 1 else mask[:, :, r0:r1]
         g = g if g.shape[-1] == 1 else g.index_select(3, cols)  # (bm, hm, R | 1, K | 1)
         if g.dtype == torch.bool:
-            bias = torch.zeros(torch.broadcast_shapes(g.shape, allowed.shape), dtype=q.dtype)
-            bias.masked_fill_(~(g & allowed), -math.inf)
+            bias = torch.where(g & allowed, 0.0, -math.inf).to(q.dtype)
         else:
             bias = g.to(q.dtype).masked_fill(~allowed, -math.inf)
     res = F.scaled_dot_product_attention(q[:, :, r0:r1], kk, vv, attn_mask=bias, scale=scale)
     out[:, r0:r1] = res.transpose(1, 2)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def _band(c: int, left: int, right: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(C, C + left + right) band of a body chunk as bool, and as a float bias (0 / -inf)."""
     r = torch.arange(c).view(c, 1)
@@ -372,13 +380,13 @@ def _body(
     out: Tensor,
 ) -> None:
     """Body chunks [lo, hi) of batch row `bi` on strided views; writes rows [lo*C, hi*C)."""
-    _, h, n, d = q.shape
-    dv = v.shape[-1]
+    _, h, n, _ = q.shape
     nb = hi - lo
     left = w - 1
     right = 0 if causal else w - 1
     span = c + left + right
     r0, r1 = lo * c, hi * c
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
     # (H, R, D) -> (nb, H, C, D); K, V (H, N, D) -> overlapping spans (nb, H, span, D).
     qb = q[bi, :, r0:r1].unflatten(1, (nb, c)).transpose(0, 1)
@@ -390,49 +398,55 @@ def _body(
         )
         for t in (k, v)
     )
+    # Rows [r0, r1) of out (B, N, H, Dv), seen as (nb, H, C, Dv).
+    dest = out[bi, r0:r1].unflatten(0, (nb, c)).transpose(1, 2)
     band, band_bias = _band(c, left, right, q.dtype)
-    window_any = None
     if mask is None:
-        bias = band_bias.view(1, 1, c, span)
-    else:
-        m = mask[bi if mask.shape[0] > 1 else 0].expand(mask.shape[1], n, n)
-        g = m.as_strided(
-            (nb, m.shape[0], c, span),
-            (c * (m.stride(1) + m.stride(2)), m.stride(0), m.stride(1), m.stride(2)),
-            m.storage_offset() + r0 * m.stride(1) + (r0 - left) * m.stride(2),
-        )
-        if g.dtype == torch.bool:
-            allowed = g & band
-            bias = torch.where(allowed, 0.0, -math.inf).to(q.dtype)
-        else:
-            bias = g.to(q.dtype).masked_fill(~band, -math.inf)
-            allowed = bias > -math.inf
-        window_any = allowed.any(-1)  # (nb, Hm, C): rows that see some window key
-    ow, lw = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qb, kw, vw, attn_mask=bias, scale=scale
-    )
-    ow = ow.transpose(1, 2).reshape(nb * c, h, dv)  # (nb, H, C, Dv) -> (R, H, Dv)
-    if s == 0:
-        out[bi, r0:r1] = ow
+        ow, lw = flash(qb, kw, vw, attn_mask=band_bias.view(1, 1, c, span), scale=scale)
+        if s == 0:
+            dest.copy_(ow)
+            return
+        # Every body row may see all s sinks (they lie before its band): one more small SDPA.
+        ks, vs = (t[bi : bi + 1, :, :s].expand(nb, h, s, t.shape[-1]) for t in (k, v))
+        os_, ls = flash(qb, ks, vs, scale=scale)
+        # softmax over the union: weight of the window part exp(lw) / (exp(lw) + exp(ls))
+        torch.lerp(os_, ow, torch.sigmoid(lw - ls).unsqueeze(-1).to(ow.dtype), out=dest)
         return
-    lw = lw.transpose(1, 2).reshape(nb * c, h)  # (nb, H, C) -> (R, H)
-    if window_any is not None:
-        lw = lw.masked_fill(~window_any.transpose(1, 2).reshape(nb * c, -1), -math.inf)
 
-    # Sinks: every body row may see all s of them (they lie before its band), mask permitting.
-    scores = (q[bi, :, r0:r1] @ k[bi, :, :s].transpose(-1, -2)) * scale  # (H, R, s)
-    if mask is not None:
-        gs = mask[bi if mask.shape[0] > 1 else 0].expand(mask.shape[1], n, n)[:, r0:r1, :s]
-        if gs.dtype == torch.bool:
-            scores = scores.masked_fill(~gs, -math.inf)
-        else:
-            scores = scores + gs.to(scores.dtype)
-    ls = torch.logsumexp(scores, dim=-1)  # (H, R), -inf where no sink is allowed
-    ls_safe = torch.where(torch.isneginf(ls), torch.zeros_like(ls), ls)
-    os_ = torch.exp(scores - ls_safe.unsqueeze(-1)) @ v[bi, :, :s]  # (H, R, Dv)
-    # share of the window in the union: exp(lw) / (exp(lw) + exp(ls)); NaN (both empty) -> 0
-    share = torch.sigmoid(lw - ls.transpose(0, 1)).nan_to_num_(0.0)
-    torch.lerp(os_.transpose(0, 1), ow, share.unsqueeze(-1).to(ow.dtype), out=out[bi, r0:r1])
+    m = mask[bi if mask.shape[0] > 1 else 0].expand(mask.shape[1], n, n)
+    g = m.as_strided(
+        (nb, m.shape[0], c, span),
+        (c * (m.stride(1) + m.stride(2)), m.stride(0), m.stride(1), m.stride(2)),
+        m.storage_offset() + r0 * m.stride(1) + (r0 - left) * m.stride(2),
+    )
+    bias, seen = _mask_bias(g, band, q.dtype)
+    ow, lw = flash(qb, kw, vw, attn_mask=bias, scale=scale)
+    if s == 0:
+        dest.copy_(ow)
+        return
+    # The kernel reports lse 0 for a row that saw nothing; make it -inf so it weighs nothing.
+    lw = lw.masked_fill(~seen, -math.inf)
+    gs = m[:, r0:r1, :s].unflatten(1, (nb, c)).transpose(0, 1)  # (nb, Hm, C, s)
+    sink_bias, sink_seen = _mask_bias(gs, None, q.dtype)
+    ks, vs = (t[bi : bi + 1, :, :s].expand(nb, h, s, t.shape[-1]) for t in (k, v))
+    os_, ls = flash(qb, ks, vs, attn_mask=sink_bias, scale=scale)
+    ls = ls.masked_fill(~sink_seen, -math.inf)
+    share = torch.sigmoid(lw - ls).nan_to_num_(0.0)  # NaN: neither part saw anything -> 0
+    torch.lerp(os_, ow, share.unsqueeze(-1).to(ow.dtype), out=dest)
+
+
+def _mask_bias(g: Tensor, band: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Float bias from mask values g (bool keep-mask or additive) within `band`, and which rows
+    see anything: (bias like g, seen (.., C) bool)."""
+    if g.dtype == torch.bool:
+        allowed = g if band is None else (g & band)
+        bias = torch.where(allowed, 0.0, -math.inf).to(dtype)
+    else:
+        bias = g.to(dtype)
+        if band is not None:
+            bias = bias.masked_fill(~band, -math.inf)
+        allowed = bias > -math.inf
+    return bias, allowed.any(-1)
 
 
 # ----------------------------------------------------------------------------- the op

