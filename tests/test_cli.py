@@ -150,8 +150,9 @@ def sample_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_optimize_writes_a_complete_run(sample_run: Path) -> None:
-    for name in ("recipe.yaml", "model.pt2", "model.onnx", "report.json"):
+    for name in ("recipe.yaml", "model.pt2", "model.onnx", "report.json", "report.html"):
         assert (sample_run / name).is_file(), name
+    assert "<h2>Passes</h2>" in (sample_run / "report.html").read_text()
     report = json.loads((sample_run / "report.json").read_text())
     assert report["schema_version"] == 1
     drop = next(p for p in report["passes"] if p["name"] == "drop")

@@ -240,6 +240,9 @@ def run(
             report["search"] = search
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        from trimformer.report.html import render_html
+
+        (tmp / "report.html").write_text(render_html(report))
         _move_into_place(tmp, opts.out, opts.force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

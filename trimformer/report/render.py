@@ -145,10 +145,43 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
     console.print(qt)
     if _latency_rows(report):
         console.print(latency_table(report["latency"]))
+    if report.get("search"):
+        console.print(search_table(report["search"]))
     ex = report.get("exports", {})
     if "onnx" in ex:
         ver = ex["onnx"]["verification"]
         console.print(f"ONNX verified in onnxruntime: {json.dumps(ver)[:300]}")
+
+
+def search_table(search: dict[str, Any]) -> Table:
+    """Every candidate the search looked at; verified ones carry measured numbers."""
+    t = Table(
+        title=(
+            f"search: target {search['target']}x on {search['runtime']}, baseline "
+            f"{search['baseline_ms']:.1f} ms, goal {search['goal_ms']:.1f} ms, "
+            f"{'reached' if search['reached'] else 'NOT reached: ' + search['reason']}, "
+            f"{search['seconds']:.0f} s"
+        )
+    )
+    for c in ("plan", "pred. x", "meas. x", "calib. loss", "held-out"):
+        t.add_column(c)
+    chosen = search["chosen"]["label"]
+    for c in search["candidates"]:
+        q = c.get("quality") or {}
+        held = ", ".join(f"{k} {v:.4f}" for k, v in q.items() if k in ("perplexity", "cosine"))
+        mark = (
+            "[bold green]* [/bold green]"
+            if (c["label"] == chosen and c["measured_speedup"])
+            else ""
+        )
+        t.add_row(
+            mark + c["label"],
+            f"{c['predicted_speedup']:.3f}",
+            "-" if c["measured_speedup"] is None else f"{c['measured_speedup']:.3f}",
+            "-" if c["proxy_quality_loss"] is None else f"{c['proxy_quality_loss']:.4f}",
+            held or "-",
+        )
+    return t
 
 
 def print_summary(console: Console, report: dict[str, Any], out_dir: Path) -> None:
