@@ -70,7 +70,7 @@ def text_inputs(batch: int, seq: int, seed: int, vocab: int = VOCAB) -> dict[str
 def randomize_norms(model: nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, mod in model.named_modules():
+        for mod in model.modules():
             if "norm" not in type(mod).__name__.lower():
                 continue
             w = getattr(mod, "weight", None)

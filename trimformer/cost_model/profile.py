@@ -49,7 +49,7 @@ def device_id() -> str:
     return f"cpu-{tag}"
 
 
-def _median_ms(fn: Callable[[], object], budget_s: float = 0.25, min_runs: int = 5) -> float:
+def _median_ms(fn: Callable[[], object], budget_s: float = 0.1, min_runs: int = 5) -> float:
     fn()  # warm-up: first-call allocation and kernel selection
     times: list[float] = []
     t_end = time.perf_counter() + budget_s

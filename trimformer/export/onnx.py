@@ -12,6 +12,9 @@ Contract:
 
 The dynamo exporter decomposes `aten.scaled_dot_product_attention` into MatMul/Softmax plus
 IsNaN/Where masking ops; it is correct, though not always faster in onnxruntime (measure it).
+trimformer's own ops (`trimformer.kernels`, e.g. the sparse-attention pass's local attention) are
+translated by the table `trimformer.kernels.onnx_translation_table()`, always passed to the
+exporter; `custom_translation_table` adds to (or overrides) it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from torch import Tensor
 
 from trimformer.errors import TrimformerError, VerificationError
+from trimformer.kernels import onnx_translation_table
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +120,7 @@ def export_onnx(
     example_inputs: Mapping[str, Tensor],
     dynamic_shapes: Mapping[str, Any] | None,
     path: Path,
+    custom_translation_table: Mapping[Callable[..., Any], Callable[..., Any]] | None = None,
 ) -> OnnxExport:
     """Export `module(**example_inputs)` to ONNX at `path` with the given dynamic dims.
 
@@ -144,6 +149,10 @@ def export_onnx(
                 output_names=[OUTPUT_NAME],
                 external_data=True,
                 verbose=False,
+                custom_translation_table={
+                    **onnx_translation_table(),
+                    **dict(custom_translation_table or {}),
+                },
             )
     except Exception as exc:
         raise TrimformerError(

@@ -6,12 +6,16 @@ import operator
 
 import torch
 
+from trimformer.kernels.local_attention import LOCAL_ATTENTION as _LOCAL_ATTENTION  # registers it
+
 aten = torch.ops.aten
 
 LINEAR = {aten.linear.default}
 # GPT-2's Conv1D: view(x, [-1, in]) -> addmm(bias, x2d, W[in, out]) -> view(..., [B, S, out])
 ADDMM = {aten.addmm.default}
 SDPA = {aten.scaled_dot_product_attention.default}
+# trimformer's sliding-window + sink attention (kernels/local_attention.py); SDPA's argument names
+LOCAL_ATTENTION = {_LOCAL_ATTENTION}
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 MATMUL = {aten.matmul.default, aten.bmm.default}
 LAYER_NORM = {aten.layer_norm.default}

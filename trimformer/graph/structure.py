@@ -3,7 +3,8 @@
 Found from the ops, not from module names (those are only labels for people):
 
 - a *linear* is `aten.linear` (or GPT-2's `view -> addmm(bias, x, W[in, out]) -> view`);
-- an *attention core* is `aten.scaled_dot_product_attention`, or matmul -> softmax -> matmul;
+- an *attention core* is `aten.scaled_dot_product_attention` (or `trimformer::local_attention`, put
+  there by the sparse-attention pass), or matmul -> softmax -> matmul;
   its q/k/v projections are the linears reached walking back from its operands through shape,
   rotary and GQA-repeat ops (a fused projection is a linear followed by `split` + `getitem`), and
   its o-projection is the first linear reached walking forward through shape ops;
@@ -75,8 +76,8 @@ class Norm:
 
 @dataclass(frozen=True)
 class Attention:
-    core: Node  # the SDPA node, or the final matmul of an eager core
-    form: Literal["sdpa", "eager"]
+    core: Node  # the SDPA (or local attention) node, or the final matmul of an eager core
+    form: Literal["sdpa", "local", "eager"]
     q: Projection
     k: Projection
     v: Projection
@@ -307,7 +308,7 @@ def _match_rms_norm(n: Node) -> Norm | None:
 
 # ----------------------------------------------------------------------------- walks
 
-_STOP = ops.LINEAR | ops.ADDMM | ops.SDPA | ops.LAYER_NORM | ops.EMBEDDING
+_STOP = ops.LINEAR | ops.ADDMM | ops.SDPA | ops.LOCAL_ATTENTION | ops.LAYER_NORM | ops.EMBEDDING
 
 
 def _producers(start: Node, linears: dict[Node, Linear], through: set) -> dict[Linear, Node]:
@@ -403,9 +404,10 @@ def _attention_cores(gm: fx.GraphModule) -> list[tuple[Node, str, Node, Node, No
     """(core, form, q, k, v, mask) for SDPA nodes and matmul -> softmax -> matmul chains."""
     cores = []
     for n in gm.graph.nodes:
-        if is_op(n, ops.SDPA):
+        if is_op(n, ops.SDPA | ops.LOCAL_ATTENTION):
             a = args_of(n)
-            cores.append((n, "sdpa", a["query"], a["key"], a["value"], a.get("attn_mask")))
+            form = "local" if is_op(n, ops.LOCAL_ATTENTION) else "sdpa"
+            cores.append((n, form, a["query"], a["key"], a["value"], a.get("attn_mask")))
         elif is_op(n, ops.SOFTMAX):
             # softmax(scale * q @ k^T + mask) @ v
             pv = _forward_to(n, ops.MATMUL, ops.SHAPE | ops.DROPOUT)

@@ -81,6 +81,7 @@ class RepBNConfig(PassConfig):
     )
     fit_batches: int = Field(4, ge=1, description="calibration batches for init='fit'")
     keep_final: bool = Field(True, description="keep a post-norm that is the model output")
+    threads: int = Field(0, ge=0, description="torch threads while training (0: as set)")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -372,7 +373,7 @@ def fold_linear_norms(gm: fx.GraphModule, structure: Structure) -> dict[str, Any
         gm.graph.erase_node(node)
         gm.delete_submodule(node.target)
         adds.append(add)
-        etas[module_path(add) or add.name] = round(float(module.eta), 6)
+        etas[module_path(add) or add.name] = round(float(module.eta.detach()), 6)
     finish(gm)
     made = set(adds)
     sites = [s for s in find_sites(gm) if s.node in made]
@@ -424,6 +425,7 @@ def convert(
         warmup_steps=min(20, config.steps // 10),
         seed=config.seed,
         log_every=max(1, config.steps // 20),
+        threads=config.threads,
     )
     result = distill(
         gm,
