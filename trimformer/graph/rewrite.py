@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -86,11 +86,6 @@ def set_param(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
         mod._parameters[name] = torch.nn.Parameter(value.detach().contiguous(), requires_grad=False)
     else:
         mod._buffers[name] = value.detach().contiguous()
-
-
-def tensor_inputs(node: Node) -> Iterator[Node]:
-    for a in node.all_input_nodes:
-        yield a
 
 
 def remove_unused_parameters(gm: fx.GraphModule) -> int:
