@@ -81,7 +81,7 @@ def test_recover_reduces_the_distillation_loss_after_a_drop(tiny: Case, method: 
     )
     changes = recover(gm, discover(gm), config, context(tiny, tiny.gm))
     before, after = changes["heldout_loss_before"], changes["heldout_loss_after"]
-    assert after < 0.8 * before
+    assert after < 0.9 * before
     assert changes["training"]["best_step"] > 0
     assert user_modules(gm) == []  # LoRA merged: plain ATen again
     verify_graph(gm, tiny.inputs, outputs(tiny.gm, tiny.inputs).shape)

@@ -197,6 +197,42 @@ def _finish(report: dict, out_dir: Path, as_json: bool) -> None:
     print_summary(out, report, out_dir)
 
 
+def manual_steps(
+    prep: Any,
+    counts: dict[str, int],
+    drop_mode: str,
+    prune_heads: float,
+    prune_neurons: float,
+    gqa_mode: str,
+    skip: float,
+    int8: bool,
+    progress: Any,
+) -> list[Any]:
+    """Resolve the manual pass flags into steps: prune, then drop, then skip."""
+    from trimformer.optimizer.pipeline import Step
+    from trimformer.passes import PASSES
+    from trimformer.passes import drop as drop_pass
+    from trimformer.passes import prune as prune_pass
+
+    steps = [Step(PASSES["cleanup"], PASSES["cleanup"].config())]
+    if prune_heads or prune_neurons:
+        progress("scoring heads and neurons (AMP importance)")
+        request = prune_pass.PruneConfig(
+            heads=prune_heads, neurons=prune_neurons, gqa_mode=gqa_mode
+        )
+        config, scores = prune_pass.plan(prep.gm, prep.structure, prep.ctx, request)
+        steps.append(Step(PASSES["prune"], config, importance=scores))
+    if counts:
+        progress(f"scoring sub-layers on {len(prep.calib)} calibration batches ({drop_mode})")
+        config, scores = drop_pass.plan(prep.gm, prep.structure, prep.ctx, counts, drop_mode)
+        steps.append(Step(PASSES["drop"], config, importance=scores))
+    if skip:
+        steps.append(Step(PASSES["skip"], PASSES["skip"].config(speedup=skip)))
+    if int8:
+        steps.append(Step(PASSES["int8"], PASSES["int8"].config()))
+    return steps
+
+
 @app.command()
 @_guard
 def optimize(
@@ -212,7 +248,13 @@ def optimize(
     ] = None,
     passes_: Annotated[
         str, typer.Option("--passes", help="Passes the search may use (comma list).")
-    ] = "drop,prune",
+    ] = "drop,prune,int8",
+    no_int8: Annotated[
+        bool, typer.Option("--no-int8", help="Forbid int8 (the search, onnxruntime only).")
+    ] = False,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Quantize the ONNX program to int8 (manual).")
+    ] = False,
     quality_floor: Annotated[
         float | None,
         typer.Option(
@@ -228,6 +270,18 @@ def optimize(
     drop_mode: Annotated[
         str, typer.Option(help="one-shot, or iterative (re-score after each drop).")
     ] = "one-shot",
+    prune_heads: Annotated[
+        float, typer.Option(help="Prune this fraction of attention heads per block (AMP).")
+    ] = 0.0,
+    prune_neurons: Annotated[
+        float, typer.Option(help="Prune this fraction of MLP neurons per block (AMP).")
+    ] = 0.0,
+    gqa_mode: Annotated[
+        str, typer.Option(help="GQA head pruning: groups (remove K/V groups) or query.")
+    ] = "groups",
+    skip: Annotated[
+        float, typer.Option(help="Unified layer skipping: keep int(L / SKIP) evenly spaced blocks.")
+    ] = 0.0,
     shape: Annotated[str, typer.Option(help="BATCHxSEQ to measure latency at.")] = "8x128",
     runtime: Annotated[
         str, typer.Option(help="torch, onnxruntime, or both (the search targets torch then).")
@@ -270,24 +324,30 @@ def optimize(
     }
     if any(v < 0 for v in counts.values()):
         _fail("drop counts must be >= 0", 2)
-    if counts and target_speedup is not None:
-        _fail("give either --target-speedup or manual pass flags (--drop-*), not both", 2)
-    if not counts and target_speedup is None:
+    if not (0.0 <= prune_heads < 1.0 and 0.0 <= prune_neurons < 1.0):
+        _fail("--prune-heads and --prune-neurons are fractions in [0, 1)", 2)
+    if skip and skip <= 1.0:
+        _fail(f"--skip {skip}: the skip ratio must be above 1 (e.g. 1.5 keeps 2/3 of blocks)", 2)
+    manual = bool(counts) or bool(prune_heads) or bool(prune_neurons) or bool(skip) or int8
+    if manual and target_speedup is not None:
+        _fail("give either --target-speedup or manual pass flags, not both", 2)
+    if not manual and target_speedup is None:
         target_speedup = 1.5  # the default job: search for a 1.5x plan
     allow = {p.strip() for p in passes_.split(",") if p.strip()}
     from trimformer.passes import PASSES
 
-    unknown = allow - {"drop", "prune"}
+    if no_int8:
+        allow.discard("int8")
+    unknown = allow - {"drop", "prune", "int8"}
     if unknown:
         _fail(
-            f"--passes: the search can turn drop and prune, not {', '.join(sorted(unknown))}",
+            f"--passes: the search can turn drop, prune and int8, not {', '.join(sorted(unknown))}",
             2,
         )
     allow &= set(PASSES)
     from trimformer.graph.capture import load_checkpoint
-    from trimformer.optimizer.pipeline import Recipe, Step, dump_recipe, parse_shape
+    from trimformer.optimizer.pipeline import Recipe, dump_recipe, parse_shape
     from trimformer.optimizer.run import check_out_dir, prepare, run
-    from trimformer.passes import drop as drop_pass
 
     parse_shape(shape)
     if not dry_run:
@@ -315,12 +375,9 @@ def optimize(
         )
         steps = search_result.steps
     else:
-        progress(f"scoring sub-layers on {len(prep.calib)} calibration batches ({drop_mode})")
-        config, scores = drop_pass.plan(prep.gm, prep.structure, prep.ctx, counts, drop_mode)
-        steps = [
-            Step(PASSES["cleanup"], PASSES["cleanup"].config()),
-            Step(PASSES["drop"], config, importance=scores),
-        ]
+        steps = manual_steps(
+            prep, counts, drop_mode, prune_heads, prune_neurons, gqa_mode, skip, int8, progress
+        )
     if dry_run:
         recipe = Recipe(model=str(loaded.source), shape=shape, passes=[s.to_entry() for s in steps])
         out.print(dump_recipe(recipe), end="")

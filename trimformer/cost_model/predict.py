@@ -45,6 +45,7 @@ class Plan:
     mlp_dropped: frozenset[int] = frozenset()
     heads_kept: tuple[tuple[int, float], ...] = ()  # (block, fraction of heads kept)
     neurons_kept: tuple[tuple[int, float], ...] = ()  # (block, fraction of neurons kept)
+    int8: bool = False  # onnxruntime dynamic int8 at export
 
     def heads(self, block: int) -> float:
         return dict(self.heads_kept).get(block, 1.0)
@@ -144,6 +145,7 @@ class CostModel:
     coef: np.ndarray = field(default_factory=lambda: np.array([1.0, 1.0, 0.0]))
     scale: float = 1.0  # until calibrated: measured baseline / raw predicted baseline
     points: list[tuple[np.ndarray, float]] = field(default_factory=list)
+    int8_factor: float = 1.0  # measured int8 / fp32 latency of the baseline program
 
     def features(self, plan: Plan) -> np.ndarray:
         """[matmul-like ms, other ms, 1] of the plan, from the profile."""
@@ -174,7 +176,8 @@ class CostModel:
         return np.array([mm, other, 1.0])
 
     def predict(self, plan: Plan) -> float:
-        return float(self.features(plan) @ self.coef) * self.scale
+        ms = float(self.features(plan) @ self.coef) * self.scale
+        return ms * self.int8_factor if plan.int8 else ms
 
     def anchor(self, baseline_ms: float) -> None:
         """Scale raw predictions so the unmodified graph predicts its measured latency."""
@@ -183,7 +186,9 @@ class CostModel:
         self.add_point(Plan(), baseline_ms)
 
     def add_point(self, plan: Plan, measured_ms: float) -> None:
-        self.points.append((self.features(plan), measured_ms))
+        # int8 points are stored as their fp32 equivalent so one fit serves both.
+        fp32_ms = measured_ms / self.int8_factor if plan.int8 else measured_ms
+        self.points.append((self.features(plan), fp32_ms))
 
     def calibrate(self) -> None:
         """Fit ms = a·matmul + b·other + c on the measured points (needs 3 or more)."""

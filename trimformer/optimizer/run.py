@@ -222,10 +222,28 @@ def run(
                 threads=opts.threads,
             )
             exports["onnx"] = {**_asdict(onnx_info), "verification": _asdict(check)}
+        ort_program = tmp / "model.onnx" if opts.onnx else None
+        int8_steps = [s for s in steps if s.spec.name == "int8"]
+        int8_quality = None
+        if int8_steps:
+            if not opts.onnx:
+                raise TrimformerError("the int8 stage quantizes the ONNX program; drop --no-onnx")
+            ort_program, int8_quality, exports["int8"] = _int8_stage(
+                loaded,
+                optimized,
+                int8_steps[-1].config,
+                sample,
+                dyn,
+                prepared,
+                reference,
+                tmp,
+                opts,
+                progress,
+            )
         latency = measure_programs(
             original,
             optimized,
-            tmp / "model.onnx" if opts.onnx else None,
+            ort_program,
             sample,
             dyn,
             at_shape,
@@ -238,6 +256,14 @@ def run(
         )
         if search is not None:
             report["search"] = search
+        if int8_quality is not None:
+            # onnxruntime serves the int8 program: its quality is the one a user gets there.
+            report["quality"]["after_int8_onnxruntime"] = int8_quality.to_dict()
+            report["quality"]["delta_int8"] = quality.quality_delta(
+                loaded.kind, before, int8_quality
+            )
+            if report["latency"]:
+                report["latency"]["onnxruntime_program"] = "model.int8.onnx"
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         from trimformer.report.html import render_html
@@ -248,6 +274,32 @@ def run(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def _int8_stage(
+    loaded: Loaded,
+    optimized: fx.GraphModule,
+    config: Any,
+    sample: dict[str, torch.Tensor],
+    dyn: dict[str, Any],
+    prepared: Prepared,
+    reference: list[torch.Tensor],
+    tmp: Path,
+    opts: RunOptions,
+    progress: Progress,
+) -> tuple[Path, quality.QualityResult, dict[str, Any]]:
+    """Quantize the ONNX program, verify it (cosine), and measure its quality in onnxruntime."""
+    from trimformer.export.int8 import OrtModule, export_int8, verify_int8
+
+    progress("exporting model.int8.onnx (attention lowered, dynamic int8) and verifying it")
+    path = tmp / "model.int8.onnx"
+    info = export_int8(
+        optimized, sample, dyn, path, per_channel=config.per_channel, weight_type=config.weight_type
+    )
+    check = verify_int8(path, optimized, verification_inputs(loaded, sample), threads=opts.threads)
+    progress("evaluating the int8 program in onnxruntime on held-out data")
+    q = quality.evaluate(loaded.kind, OrtModule(path, opts.threads), prepared.evaluation, reference)
+    return path, q, {**_asdict(info), "verification": _asdict(check)}
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
@@ -445,7 +497,9 @@ def bench_run(
     opts = RunOptions(out=run_dir, shape=shape, threads=threads, repeats=repeats, rounds=rounds)
     prep = prepare(original, RunOptions(out=run_dir, calib_batches=1, eval_batches=1), progress)
     sample = prep.calib[0].inputs
-    onnx_path = run_dir / "model.onnx"
+    onnx_path = run_dir / "model.int8.onnx"
+    if not onnx_path.is_file():
+        onnx_path = run_dir / "model.onnx"
     return measure_programs(
         prep.gm,
         optimized.module,

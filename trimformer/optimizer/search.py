@@ -81,6 +81,7 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
         "mlp_dropped": sorted(plan.mlp_dropped),
         "heads_kept": {b: f for b, f in plan.heads_kept if f < 1.0},
         "neurons_kept": {b: f for b, f in plan.neurons_kept if f < 1.0},
+        "int8": plan.int8,
     }
 
 
@@ -96,6 +97,8 @@ def describe(plan: Plan) -> str:
         parts.append("heads kept " + " ".join(heads))
     if neurons:
         parts.append("neurons kept " + " ".join(neurons))
+    if plan.int8:
+        parts.append("int8")
     return "; ".join(parts) or "original"
 
 
@@ -176,6 +179,8 @@ class Builder:
                 attention=sorted(plan.attention_dropped), mlp=sorted(plan.mlp_dropped)
             )
             steps.append(Step(PASSES["drop"], config, importance=self.drop_scores))
+        if plan.int8:
+            steps.append(Step(PASSES["int8"], PASSES["int8"].config()))
         return steps
 
     def _prune_step(self, heads: dict[int, float], neurons: dict[int, float]) -> Step:
@@ -197,6 +202,8 @@ class Builder:
         gm = copy.deepcopy(self.gm)
         structure = discover(gm)
         for step in self.steps(plan):
+            if step.spec.name == "int8":
+                continue  # an export stage: the measurer quantizes the exported program
             step.spec.apply(gm, structure, step.config, self.ctx)
             structure = discover(gm)
         return gm
@@ -286,23 +293,33 @@ class Measurer:
         self.repeats, self.rounds = repeats, rounds
         self.base_runner = self._runner(baseline, "baseline")
 
-    def _runner(self, gm: fx.GraphModule, name: str) -> Callable[[], object]:
+    def export_int8(self, gm: fx.GraphModule, name: str) -> Path:
+        from trimformer.export.int8 import export_int8
+
+        path = self.workdir / name / "model.int8.onnx"
+        export_int8(gm, self.sample, self.dyn, path)
+        return path
+
+    def _runner(self, gm: fx.GraphModule, name: str, int8: bool = False) -> Callable[[], object]:
         from trimformer.cost_model.measure import ort_runner, torch_runner
 
         if self.runtime == "torch":
             return torch_runner(gm, self.at_shape)
         from trimformer.export.onnx import export_onnx, ort_session
 
-        path = self.workdir / name / "model.onnx"
-        export_onnx(gm, self.sample, self.dyn, path)
+        if int8:
+            path = self.export_int8(gm, name)
+        else:
+            path = self.workdir / name / "model.onnx"
+            export_onnx(gm, self.sample, self.dyn, path)
         return ort_runner(ort_session(path, self.threads), self.at_shape)
 
-    def measure(self, gm: fx.GraphModule, name: str) -> tuple[float, float]:
+    def measure(self, gm: fx.GraphModule, name: str, int8: bool = False) -> tuple[float, float]:
         """(baseline ms, candidate ms) measured side by side now."""
         from trimformer.cost_model.measure import measure_interleaved
 
         stats = measure_interleaved(
-            {"baseline": self.base_runner, name: self._runner(gm, name)},
+            {"baseline": self.base_runner, name: self._runner(gm, name, int8)},
             repeats=self.repeats,
             rounds=self.rounds,
             threads=self.threads,
@@ -347,6 +364,16 @@ def search(
         b_ms, c_ms = measurer.measure(builder.build(plan), f"calibration-{i}")
         model.add_point(plan, c_ms * base_ms / b_ms)
     model.calibrate()
+    int8_loss = None
+    if "int8" in allow and measurer.runtime == "onnxruntime":
+        from trimformer.export.int8 import OrtModule
+
+        progress("measuring int8 on the baseline program (speed factor and quality cost)")
+        b_ms, c_ms = measurer.measure(gm, "int8-baseline", int8=True)
+        model.int8_factor = c_ms / b_ms
+        int8_module = OrtModule(measurer.workdir / "int8-baseline" / "model.int8.onnx")
+        int8_metrics = quality.evaluate(kind, int8_module, proxy_b, proxy_ref).metrics
+        int8_loss = proxy_loss(kind, int8_metrics)
     blocks = [
         (b.index, kind_)
         for b in structure.blocks
@@ -354,10 +381,16 @@ def search(
         if s is not None
     ]
 
+    proxies: dict[Plan, float] = {Plan(): 0.0}
+
     def proxy_of(plan: Plan) -> float:
-        cand = builder.build(plan)
-        m = quality.evaluate(kind, cand, proxy_b, proxy_ref).metrics
-        return proxy_loss(kind, m)
+        if plan.int8:  # int8's loss, measured once on the baseline, adds to the structure's
+            return proxy_of(replace(plan, int8=False)) + (int8_loss or 0.0)
+        if plan not in proxies:
+            cand = builder.build(plan)
+            m = quality.evaluate(kind, cand, proxy_b, proxy_ref).metrics
+            proxies[plan] = proxy_loss(kind, m)
+        return proxies[plan]
 
     def cheap_cost(plan: Plan, block: int, kind_: str) -> float:
         drop = builder.drop_scores[kind_].get(block, 0.0)
@@ -386,6 +419,11 @@ def search(
                 if saved <= 0:
                     continue
                 moves.append((cheap_cost(plan, block, kind_) / saved, nxt, saved))
+            if int8_loss is not None and not plan.int8:
+                nxt = replace(plan, int8=True)
+                saved = now - model.predict(nxt)
+                if saved > 0:
+                    moves.append((int8_loss / saved, nxt, saved))
             if not moves:
                 break
             # A move that jumps far past the goal overshoots the band: try those last.
@@ -432,10 +470,17 @@ def search(
         built = builder.build(current)
         verified += 1
         progress(f"verifying: {describe(current)}")
-        b_ms, c_ms = measurer.measure(built, f"candidate-{verified}")
+        name = f"candidate-{verified}"
+        b_ms, c_ms = measurer.measure(built, name, int8=current.int8)
         scale = base_ms / b_ms  # express in the baseline's time frame (drift between runs)
         c_ms *= scale
-        q = quality.evaluate(kind, built, evaluation, eval_ref).metrics
+        if current.int8:
+            from trimformer.export.int8 import OrtModule
+
+            served = OrtModule(measurer.workdir / name / "model.int8.onnx")
+            q = quality.evaluate(kind, served, evaluation, eval_ref).metrics
+        else:
+            q = quality.evaluate(kind, built, evaluation, eval_ref).metrics
         cand = Candidate(current, describe(current), model.predict(current), current_proxy, c_ms, q)
         candidates.append(cand)
         speedup = base_ms / c_ms

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trimformer.passes import cleanup, drop, prune, skip
+from trimformer.passes import cleanup, drop, int8, prune, skip
 from trimformer.passes.base import PassSpec
 
 PASSES: dict[str, PassSpec] = {
@@ -12,5 +12,6 @@ PASSES: dict[str, PassSpec] = {
         drop.SPEC,
         prune.SPEC,
         skip.SPEC,
+        int8.SPEC,  # an export stage: last in any recipe
     )
 }

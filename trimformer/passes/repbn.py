@@ -55,8 +55,14 @@ from pydantic import Field, model_validator
 from torch import Tensor, fx, nn
 
 from trimformer.errors import PassError
-from trimformer.graph import ops
-from trimformer.graph.rewrite import add_param, annotate, finish, get_param, is_op, module_path
+from trimformer.graph.rewrite import (
+    add_param,
+    annotate,
+    eliminate_dead_code,
+    finish,
+    get_param,
+    module_path,
+)
 from trimformer.graph.structure import Norm, Structure
 from trimformer.optimizer.train import TrainConfig, TrainResult, distill, real_positions, rebatch
 from trimformer.passes.base import Context, PassConfig, PassSpec
@@ -245,22 +251,6 @@ def _mask_node(gm: fx.GraphModule) -> fx.Node | None:
     return None
 
 
-def _drop_dead(gm: fx.GraphModule) -> None:
-    """Dead-code elimination that also drops metadata asserts on otherwise dead values."""
-    while True:
-        gm.graph.eliminate_dead_code()
-        gone = 0
-        for n in list(gm.graph.nodes):
-            if not is_op(n, ops.METADATA_ASSERTS) or not n.all_input_nodes:
-                continue
-            src = n.all_input_nodes[0]
-            if src.op == "call_function" and all(is_op(u, ops.METADATA_ASSERTS) for u in src.users):
-                gm.graph.erase_node(n)
-                gone += 1
-        if gone == 0:
-            return
-
-
 def insert_linear_norms(
     gm: fx.GraphModule, structure: Structure, config: RepBNConfig
 ) -> list[tuple[fx.Node, LinearNorm]]:
@@ -295,7 +285,7 @@ def insert_linear_norms(
         norm.output.replace_all_uses_with(node)
         created.append((node, module))
         replaced.update(t for t in (norm.weight, norm.bias) if t is not None)
-    _drop_dead(gm)
+    eliminate_dead_code(gm)
     # Not `finish`: it would drop the LinearNorm parameters, which no get_attr reads.
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for target in replaced - read:

@@ -189,6 +189,8 @@ def print_summary(console: Console, report: dict[str, Any], out_dir: Path) -> No
     parts = [f"wrote {out_dir}/ (recipe.yaml, model.pt2"]
     if "onnx" in report.get("exports", {}):
         parts.append(", model.onnx")
+    if "int8" in report.get("exports", {}):
+        parts.append(", model.int8.onnx")
     parts.append(", report.json)")
     console.print("".join(parts))
     console.print(
@@ -198,4 +200,7 @@ def print_summary(console: Console, report: dict[str, Any], out_dir: Path) -> No
     for rt, o, n, s in _latency_rows(report):
         console.print(f"{rt}: {o} ms -> {n} ms  ({s} at {report['latency']['shape']})")
     console.print(f"quality: {q.get('summary', q)}")
+    q8 = report["quality"].get("delta_int8")
+    if q8:
+        console.print(f"quality of model.int8.onnx in onnxruntime: {q8.get('summary', q8)}")
     console.print(f"next: trimformer inspect {out_dir}")
