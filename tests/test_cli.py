@@ -209,3 +209,17 @@ def test_apply_refuses_another_checkpoint(sample_run: Path, tmp_path: Path) -> N
 
     res = cli("apply", sample_run / "recipe.yaml", g.get_model_path(), "--out", tmp_path / "x")
     assert_one_line_error(res, "not the checkpoint")
+
+
+def test_int8_stage_is_verified_and_evaluated_in_onnxruntime(tmp_path: Path) -> None:
+    out = tmp_path / "i8"
+    res = cli("optimize", "--int8", "--runtime", "onnxruntime", "--out", out, *FAST)
+    assert res.returncode == 0, res.stderr
+    assert (out / "model.int8.onnx").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["passes"][-1]["name"] == "int8"
+    assert report["passes"][-1]["params"]["after"] == report["passes"][-1]["params"]["before"]
+    assert report["exports"]["int8"]["verification"]["cosine_mean"] > 0.95
+    ppl = report["quality"]["after_int8_onnxruntime"]["metrics"]["perplexity"]
+    assert ppl != report["quality"]["before"]["metrics"]["perplexity"]  # measured, not copied
+    assert report["latency"]["onnxruntime_program"] == "model.int8.onnx"
