@@ -15,9 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from test_fold_norm import Case, llama, text_case, text_inputs  # noqa: E402
 from transformers import BertConfig, BertModel  # noqa: E402
 
+from trimformer.errors import PassError  # noqa: E402
 from trimformer.graph import ops  # noqa: E402
 from trimformer.graph.capture import dynamic_shapes  # noqa: E402
-from trimformer.graph.rewrite import is_op  # noqa: E402
+from trimformer.graph.rewrite import is_op, module_path  # noqa: E402
 from trimformer.graph.structure import discover  # noqa: E402
 from trimformer.optimizer.pipeline import verify_graph  # noqa: E402
 from trimformer.passes.base import Context  # noqa: E402
@@ -26,6 +27,7 @@ from trimformer.passes.repbn import (  # noqa: E402
     RepBNConfig,
     convert,
     fold_linear_norms,
+    insert_linear_norms,
     repbn,
 )
 
@@ -167,3 +169,14 @@ def test_fit_init_approximates_the_norm() -> None:
         fitted = (m(x) - want).pow(2).mean()
         zero = want.pow(2).mean()  # SLAB's zero init: RepBN(x) = 0
     assert fitted < 0.2 * zero
+
+
+def test_blocks_knob_converts_only_those_blocks(tiny: Case) -> None:
+    gm = copy.deepcopy(tiny.gm)
+    created = insert_linear_norms(gm, discover(gm), RepBNConfig(blocks=[1]))
+    assert [module_path(n) for n, _ in created] == [
+        "model.layers.1.input_layernorm",
+        "model.layers.1.post_attention_layernorm",
+    ]
+    with pytest.raises(PassError, match="out of range"):
+        insert_linear_norms(copy.deepcopy(tiny.gm), discover(gm), RepBNConfig(blocks=[7]))

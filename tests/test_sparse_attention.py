@@ -103,7 +103,7 @@ def test_op_matches_dense_reference(causal, sink, window, mask) -> None:
     q, k, v = _qkv(2, 4, 2, 70)
     m = _mask(mask, 2, 4, 70)
     want = local_attention_reference(q, k, v, m, sink, [window[0]], [window[1]], causal)
-    for chunk in (None, 4, 16):  # the heuristic, and forced chunks (body + edge routes)
+    for chunk in (None, 2, 4, 16):  # the heuristic, and forced chunks (body + edge routes)
         got = local_attention_chunked(
             q, k, v, m, sink, [window[0]], [window[1]], causal, None, chunk
         )

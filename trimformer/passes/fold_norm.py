@@ -135,6 +135,8 @@ def _norm_site(gm: fx.GraphModule, n: Node) -> Site | None:
         return None
     scale = get_param(gm, norm.weight).detach().reshape(-1) if norm.weight else None
     shift = get_param(gm, norm.bias).detach().reshape(-1) if norm.bias else None
+    if any(t is not None and t.numel() != c for t in (scale, shift)):
+        return None  # normalized over more than the channel axis
     params = tuple(p for p in (norm.weight, norm.bias) if p is not None)
     if norm.kind == "layer_norm":
         return Site("layer_norm", n, n, scale, shift, params, c)
@@ -184,13 +186,20 @@ def _affine_site(gm: fx.GraphModule, n: Node) -> Site | None:
         vec = _vector(gm, p, c)
         if vec is None or not isinstance(x, Node) or param_target(x) is not None:
             continue
+        if _channels(x) != c:
+            continue  # x is broadcast against the vector, not one value per channel
         if is_op(n, ops.MUL):
             return Site("affine", n, x, vec, None, (param_target(p),), c)  # type: ignore[arg-type]
         if is_op(x, ops.MUL) and len(x.users) == 1:
             inner = args_of(x)
             for xx, pp in ((inner["self"], inner["other"]), (inner["other"], inner["self"])):
                 s = _vector(gm, pp, c)
-                if s is not None and isinstance(xx, Node) and param_target(xx) is None:
+                if (
+                    (s is not None)
+                    and isinstance(xx, Node)
+                    and (param_target(xx) is None)
+                    and (_channels(xx) == c)
+                ):
                     params = (param_target(pp), param_target(p))
                     return Site("affine", n, xx, s, vec, params, c)  # type: ignore[arg-type]
         return Site("affine", n, x, None, vec, (param_target(p),), c)  # type: ignore[arg-type]

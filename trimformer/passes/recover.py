@@ -63,7 +63,9 @@ class RecoverConfig(PassConfig):
     heldout_fraction: float = Field(0.15, ge=0, lt=1, description="batches held out")
     eval_every: int = Field(20, ge=1, description="steps between held-out measurements")
     patience: int = Field(3, ge=0, description="measurements without improvement before stop")
-    threads: int = Field(0, ge=0, description="torch threads while training (0: as set)")
+    threads: int = Field(
+        1, ge=0, description="torch threads while training (0: leave torch's setting)"
+    )
     seed: int = 0
 
 

@@ -27,20 +27,24 @@ the norm on calibration tokens (γ_bn = k·sqrt(σ² + ε), β_bn = mean Norm(x)
 k = cov(x, Norm(x))/var(x) per channel), so RepBN approximates Norm before training;
 "zero" is SLAB's LLaMA recipe (γ_bn = β_bn = η = 0: the RepBN branch starts at zero).
 
-Which norms: every sub-layer's pre-norm (Llama, GPT-2, ViT) or post-norm (BERT), except, with
-`keep_final`, a post-norm whose output is the model output (the last BERT block's). Norms outside
-the blocks (final norm, embedding norm) stay.
+Which norms: every sub-layer's pre-norm (Llama, GPT-2, ViT) or post-norm (BERT) of the chosen
+`blocks` (default all), except, with `keep_final`, a post-norm whose output is the model output
+(the last BERT block's). Norms outside the blocks (final norm, embedding norm) stay.
 
 Surgery (Llama pre-norm, one sub-layer):
 
-    training (call_module nodes, trimformer-only)      after the pass (plain ATen)
-    n = LinearNorm_i(x, attention_mask)                q = linear(x, Wq·diag(a), Wq·b)
-    q = linear(n, Wq); k = ...; v = ...                k = ...; v = ...   (biases created)
+    before:    n = mul(γ, x * rsqrt(mean(x^2, -1) + eps));  q = linear(n, Wq); k = ...; v = ...
+    training:  n = call_module(LinearNorm_i, x, attention_mask);  q = linear(n, Wq); ...
+    after:     q = linear(x, Wq·diag(a), Wq·b); k = ...; v = ...   (biases created, no norm left)
 
     BERT post-norm: h = add(x, attn)  →  h' = add(mul(h, a), b); q/k/v and the residual read h'.
 
 The result is plain ATen again (no call_module), so torch.export and ONNX export still work.
 The changes record holds the loss curve, λ, per-norm η and the folded / kept affines.
+
+Defaults are sized for the bundled sample (tinyllama-py, 5.4M parameters, 12 norms): 300 steps of
+8×128 tokens on 1 thread took 5 min on the shared 2-core machine, held-out perplexity +2.4%
+(benchmarks/RESULTS-repbn-recover.md has the current numbers).
 """
 
 from __future__ import annotations
@@ -73,9 +77,9 @@ aten = torch.ops.aten
 
 class RepBNConfig(PassConfig):
     warm_steps: int = Field(0, ge=0, description="steps at λ = 1 before the decay")
-    decay_steps: int = Field(240, ge=1, description="steps over which λ falls from 1 to 0")
-    final_steps: int = Field(60, ge=0, description="steps at λ = 0 after the decay")
-    lr: float = Field(5e-4, gt=0, description="AdamW learning rate (cosine decay to 10%)")
+    decay_steps: int = Field(220, ge=1, description="steps over which λ falls from 1 to 0")
+    final_steps: int = Field(80, ge=0, description="steps at λ = 0 after the decay")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (cosine decay to 10%)")
     batch_size: int = Field(8, ge=0, description="sequences per step (0: as the batches come)")
     train: Literal["all", "norms"] = Field(
         "all", description="all parameters, or only the new BN / η parameters"
@@ -87,7 +91,12 @@ class RepBNConfig(PassConfig):
     )
     fit_batches: int = Field(4, ge=1, description="calibration batches for init='fit'")
     keep_final: bool = Field(True, description="keep a post-norm that is the model output")
-    threads: int = Field(0, ge=0, description="torch threads while training (0: as set)")
+    blocks: list[int] | None = Field(
+        None, description="blocks whose norms are converted (None: every block)"
+    )
+    threads: int = Field(
+        1, ge=0, description="torch threads while training (0: leave torch's setting)"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -230,17 +239,27 @@ class LinearNorm(nn.Module):
 # ----------------------------------------------------------------------------- rewrite
 
 
-def _targets(gm: fx.GraphModule, structure: Structure, keep_final: bool) -> list[Norm]:
+def _targets(gm: fx.GraphModule, structure: Structure, config: RepBNConfig) -> list[Norm]:
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     outputs = set(out_node.all_input_nodes)
+    n_blocks = len(structure.blocks)
+    for b in config.blocks or []:
+        if not 0 <= b < n_blocks:
+            raise PassError(
+                f"repbn: block {b} is out of range (the graph has {n_blocks} blocks, "
+                f"0..{n_blocks - 1}); see `trimformer inspect`"
+            )
     found: list[Norm] = []
-    for sub in structure.sublayers():
-        for norm in (sub.pre_norm, sub.post_norm):
-            if norm is None or any(norm.output is f.output for f in found):
-                continue
-            if keep_final and norm is sub.post_norm and norm.output in outputs:
-                continue
-            found.append(norm)
+    for block in structure.blocks:
+        if config.blocks is not None and block.index not in config.blocks:
+            continue
+        for sub in block.sublayers:
+            for norm in (sub.pre_norm, sub.post_norm):
+                if norm is None or any(norm.output is f.output for f in found):
+                    continue
+                if config.keep_final and norm is sub.post_norm and norm.output in outputs:
+                    continue
+                found.append(norm)
     return found
 
 
@@ -258,7 +277,7 @@ def insert_linear_norms(
     mask = _mask_node(gm)
     created = []
     replaced: set[str] = set()
-    for i, norm in enumerate(_targets(gm, structure, config.keep_final)):
+    for i, norm in enumerate(_targets(gm, structure, config)):
         val = norm.output.meta.get("val")
         if not isinstance(val, Tensor) or val.dim() != 3:
             raise PassError(
@@ -384,6 +403,18 @@ def convert(
     Leaves gm with eval-mode LinearNorm call_module nodes at λ = 0 (runnable, not exportable);
     returns the converted norms' names, the training record and the number of training batches.
     """
+    old_threads = torch.get_num_threads()
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    try:
+        return _convert(gm, structure, config, ctx)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _convert(
+    gm: fx.GraphModule, structure: Structure, config: RepBNConfig, ctx: Context
+) -> tuple[list[str], TrainResult, int]:
     batches = rebatch(ctx.train_batches or ctx.batches, config.batch_size)
     if not batches:
         raise PassError("repbn: no calibration batches to train on; pass calibration text")
@@ -454,6 +485,7 @@ SPEC = PassSpec(
     exactness="needs-training",
     config=RepBNConfig,
     knobs={
+        "blocks": "which blocks' norms are converted (fewer: closer to the original)",
         "decay_steps": "length of the λ 1→0 schedule (longer: closer to the original)",
         "final_steps": "steps at λ = 0 before the BN statistics refresh",
         "lr": "learning rate of the distillation",

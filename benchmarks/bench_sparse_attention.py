@@ -1,0 +1,333 @@
+"""Sparse attention (sliding window + sinks): op-level speed, and model-level speed and quality.
+
+(a) The op alone on CPU, batch 1, 8 heads, head dim 64, window 256 + 4 sinks, causal,
+    N = 2k, 8k, 16k. torch: dense causal SDPA (`is_causal=True`, which skips the upper triangle)
+    against `trimformer::local_attention`; onnxruntime: the exported dense SDPA against the
+    exported local form. Ideal speedup = dense causal pairs / pairs the local pattern keeps
+    (N(N+1)/2 over ~N(w + sink)); share = measured / ideal.
+(b) The bundled sample (samples/tinyllama-py: Llama, 6 blocks, 8 heads of 32, context 1024) at
+    1x1024: held-out perplexity (Python docs topics never trained on) and measured speedup of the
+    best uniform window against calibrated per-head windows (`plan`, scipy milp) at equal
+    density (the plan's budget at each profiled length is the uniform window's density there).
+
+Every latency is the median of interleaved runs in one process (trimformer.cost_model.measure).
+
+    python benchmarks/bench_sparse_attention.py               # (a) and (b)
+    python benchmarks/bench_sparse_attention.py --part op     # (a) only
+    python benchmarks/bench_sparse_attention.py --part model  # (b) only
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import io
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trimformer.cost_model.measure import (  # noqa: E402
+    measure_interleaved,
+    ort_runner,
+    speedup,
+    torch_runner,
+)
+from trimformer.export.onnx import ort_session  # noqa: E402
+from trimformer.graph.capture import DEFAULT_SAMPLE, capture, load_checkpoint  # noqa: E402
+from trimformer.graph.structure import discover  # noqa: E402
+from trimformer.kernels import LOCAL_ATTENTION, onnx_translation_table  # noqa: E402
+from trimformer.kernels.local_attention import dense_pairs, pattern_pairs  # noqa: E402
+from trimformer.optimizer import quality  # noqa: E402
+from trimformer.optimizer.text import python_docs_split  # noqa: E402
+from trimformer.passes.base import Context  # noqa: E402
+from trimformer.passes.sparse_attention import (  # noqa: E402
+    SparseAttentionConfig,
+    plan,
+    score,
+    sparsify_attention,
+    uniform_choice,
+)
+
+HEADS, HEAD_DIM, WINDOW, SINK = 8, 64, 256, 4
+LENGTHS = (2048, 8192, 16384)
+ORT_DENSE_MAX = 8192  # the exported dense SDPA materializes H*N^2 fp32 scores (8.6 GB at 16k)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    import onnxruntime
+
+    return (
+        f"{datetime.date.today()} | {cpu}, {os.cpu_count()} cores | torch {torch.__version__}, "
+        f"onnxruntime {onnxruntime.__version__} | load average {load}"
+    )
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- (a) the op
+
+
+class _Dense(torch.nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class _Local(torch.nn.Module):
+    def forward(self, q, k, v):
+        return LOCAL_ATTENTION(q, k, v, None, SINK, [float(WINDOW)], [0.0], True, None)
+
+
+def _export(module: torch.nn.Module, path: Path) -> None:
+    n = torch.export.Dim("n", min=2, max=32768)
+    q = torch.randn(1, HEADS, 600, HEAD_DIM)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (q, q.clone(), q.clone()),
+            path,
+            dynamo=True,
+            dynamic_shapes=({2: n}, {2: n}, {2: n}),
+            custom_translation_table=onnx_translation_table(),
+        )
+
+
+def _plan_runs(n: int) -> dict[str, int]:
+    return {"warmup": 1, "repeats": 5 if n <= 2048 else 2, "rounds": 2}
+
+
+def bench_op(threads: int) -> None:
+    ideal = {n: dense_pairs(n, True) / pattern_pairs(n, WINDOW, SINK, True) for n in LENGTHS}
+    head = ["N", "dense ms", "local ms", "speedup", "ideal", "share of ideal"]
+
+    rows = []
+    for n in LENGTHS:
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, generator=g) for _ in range(3))
+        dense, local = _Dense(), _Local()
+        lat = measure_interleaved(
+            {
+                "dense": torch_runner(dense, {"q": q, "k": k, "v": v}),
+                "local": torch_runner(local, {"q": q, "k": k, "v": v}),
+            },
+            threads=threads,
+            shape=f"1x{HEADS}x{n}x{HEAD_DIM}",
+            runtime="torch",
+            **_plan_runs(n),
+        )
+        s = speedup(lat["dense"], lat["local"])
+        rows.append(
+            [
+                str(n),
+                f"{lat['dense'].median_ms:.1f}",
+                f"{lat['local'].median_ms:.1f}",
+                f"{s:.2f}x",
+                f"{ideal[n]:.1f}x",
+                f"{s / ideal[n]:.2f}",
+            ]
+        )
+    print(
+        f"\n(a) torch, CPU, {threads} threads: B=1, H={HEADS}, D={HEAD_DIM}, causal, window "
+        f"{WINDOW} + {SINK} sinks; dense = SDPA(is_causal=True)\n"
+    )
+    print(table(head, rows), flush=True)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        _export(_Dense(), Path(tmp) / "dense.onnx")
+        _export(_Local(), Path(tmp) / "local.onnx")
+        sessions = {
+            name: ort_session(Path(tmp) / f"{name}.onnx", threads) for name in ("dense", "local")
+        }
+        for n in LENGTHS:
+            g = torch.Generator().manual_seed(n)
+            feeds = {x: torch.randn(1, HEADS, n, HEAD_DIM, generator=g) for x in ("q", "k", "v")}
+            names = [s for s in sessions if (s == "local") or (n <= ORT_DENSE_MAX)]
+            lat = measure_interleaved(
+                {s: ort_runner(sessions[s], feeds) for s in names},
+                threads=threads,
+                shape=f"1x{HEADS}x{n}x{HEAD_DIM}",
+                runtime="onnxruntime",
+                **_plan_runs(n),
+            )
+            if "dense" in lat:
+                s = speedup(lat["dense"], lat["local"])
+                cells = [f"{lat['dense'].median_ms:.1f}", f"{s:.2f}x", f"{s / ideal[n]:.2f}"]
+            else:
+                cells = ["not run (N^2 scores: 8.6 GB)", "-", "-"]
+            rows.append(
+                [str(n), cells[0], f"{lat['local'].median_ms:.1f}", cells[1], f"{ideal[n]:.1f}x"]
+                + [cells[2]]
+            )
+    print(
+        f"\n(a) onnxruntime, CPU, {threads} threads: the same shapes; dense = the dynamo export of "
+        "SDPA(is_causal=True) (MatMul/Softmax over the full N x N square), local = "
+        "trimformer's translation of the op\n"
+    )
+    print(table(head, rows), flush=True)
+
+
+# ----------------------------------------------------------------------------- (b) the model
+
+
+def bench_model(threads: int, seq: int, budgets: tuple[float, ...] = (0.25, 0.5)) -> None:
+    path = DEFAULT_SAMPLE
+    while not (path / "model.safetensors").is_file():
+        print(f"waiting for {path} (the sample may still be training)", file=sys.stderr)
+        time.sleep(60)
+    loaded = load_checkpoint(path)
+    tok = loaded.tokenizer
+    split = python_docs_split()
+    example = quality.make_text_batches(
+        tok, split.calibration, batch_size=2, seq_len=64, max_batches=1
+    )
+    t0 = time.perf_counter()
+    gm = capture(loaded, example[0].inputs)
+    # The same number of tokens at every length: 4k for calibration, all of the held-out text.
+    calib = quality.make_text_batches(
+        tok, split.calibration, batch_size=2, seq_len=seq, max_batches=2048 // seq
+    )
+    held = quality.make_text_batches(
+        tok, split.heldout, batch_size=2, seq_len=seq, max_batches=4096 // seq
+    )
+    ctx = Context(kind=loaded.kind, batches=[b.inputs for b in calib])
+    structure = discover(gm)
+    ref = quality.reference_outputs(gm, held)
+    base = quality.evaluate(loaded.kind, gm, held, ref)
+    lengths = [seq // 2, seq]
+    scores = score(gm, structure, ctx, sink=SINK, lengths=lengths)
+    print(f"\ncalibrated in {time.perf_counter() - t0:.0f} s (capture + scoring)", file=sys.stderr)
+
+    variants: dict[str, tuple[SparseAttentionConfig, dict]] = {}
+    cands = [tuple(c) for c in scores["candidates"]]
+    for budget in budgets:
+        uni = uniform_choice(scores, [budget] * len(lengths))
+        if uni is None:
+            continue
+        c, _ = uni
+        alpha, beta = cands[c]
+        matched = [float(d[c]) for d in scores["density"]]  # the uniform window's density
+        config, report = plan(gm, structure, ctx, density=matched, sink=SINK, scores=scores)
+        variants[f"uniform w={alpha:g}+{beta:g}N"] = (
+            SparseAttentionConfig(sink=SINK, alpha=alpha, beta=beta),
+            {"density": matched, "lost": report["uniform"]["lost"]},
+        )
+        variants[f"per-head (milp) @ {matched[-1]:.2f}"] = (
+            config,
+            {"density": report["plan"]["density"], "lost": report["plan"]["lost"]},
+        )
+
+    sample = {k: v[:1] for k, v in held[0].inputs.items()}  # 1 x seq, a full row
+    programs = {"dense (original)": gm}
+    results = {}
+    for name, (config, info) in variants.items():
+        g = copy.deepcopy(gm)
+        sparsify_attention(g, discover(g), config, ctx)
+        programs[name] = g
+        results[name] = (quality.evaluate(loaded.kind, g, held, ref), info)
+    lat = measure_interleaved(
+        {name: torch_runner(p, sample) for name, p in programs.items()},
+        warmup=2,
+        repeats=5,
+        rounds=3,
+        threads=threads,
+        shape=f"1x{seq}",
+        runtime="torch",
+    )
+
+    base_ppl = base.metrics["perplexity"]
+    rows = [
+        [
+            "dense (original)",
+            "1.00 / 1.00",
+            "0",
+            f"{base_ppl:.2f}",
+            "-",
+            "0",
+            "1.000",
+            f"{lat['dense (original)'].median_ms:.1f}",
+            "1.00x",
+        ]
+    ]
+    for name, (res, info) in results.items():
+        ppl = res.metrics["perplexity"]
+        rows.append(
+            [
+                name,
+                " / ".join(f"{d:.2f}" for d in info["density"]),
+                f"{info['lost']:.3f}",
+                f"{ppl:.2f}",
+                f"{100 * (ppl / base_ppl - 1):+.1f}%",
+                f"{res.metrics['kl']:.4f}",
+                f"{res.metrics['top1_agreement']:.3f}",
+                f"{lat[name].median_ms:.1f}",
+                f"{speedup(lat['dense (original)'], lat[name]):.2f}x",
+            ]
+        )
+    print(
+        f"\n(b) {path.name} (Llama, 6 blocks x 8 heads, head dim 32), torch CPU, {threads} "
+        f"threads, latency at 1x{seq}; quality on held-out Python docs ({len(held)} batches of "
+        f"2x{seq}); calibration: kept attention mass at N = {lengths} on {len(calib)} batches "
+        f"of 2x{seq}; sink {SINK}; density = pairs kept / causal pairs at N = {lengths}\n"
+    )
+    head = [
+        "attention",
+        f"density @{lengths[0]} / @{lengths[1]}",
+        "lost mass",
+        "perplexity",
+        "change",
+        "KL",
+        "top-1",
+        "ms",
+        "speedup",
+    ]
+    print(table(head, rows))
+    for name, (config, _) in variants.items():
+        if config.heads:
+            per_layer = {
+                b: sorted({f"{a:g}+{bt:g}N" for a, bt in pairs})
+                for b, pairs in config.heads.items()
+            }
+            print(f"\n{name}: windows per block {per_layer}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=("op", "model", "all"), default="all")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    np.random.seed(0)
+    torch.manual_seed(0)
+    print(machine())
+    if args.part in ("op", "all"):
+        bench_op(args.threads)
+    if args.part in ("model", "all"):
+        bench_model(args.threads, 1024)  # the full context
+        bench_model(args.threads, 256)  # the length the sample was trained at
+
+
+if __name__ == "__main__":
+    main()
