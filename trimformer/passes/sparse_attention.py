@@ -253,21 +253,20 @@ def _kept_mass(
     if not causal:
         fwd = (i + d).clamp(max=n - 1).expand(b, h, n, n)  # A[i, i + d], d > 0
         by_dist = by_dist + (p.gather(3, fwd) * ((i + d) < n) * (d > 0)).sum(dim=(0, 2))
-    band = torch.cumsum(by_dist, dim=1)  # (H, N): mass within distance < w at index w - 1
+    band = torch.cumsum(by_dist, dim=1).double()  # (H, N): mass within distance < w at w - 1
+    w = torch.tensor(windows, dtype=torch.int64)
+    kept = band[:, w - 1]  # (H, C)
     s = min(sink, n)
-    col = p[..., :s].sum(0)  # (H, N rows, s)
-    below = torch.flip(torch.cumsum(torch.flip(col, [1]), 1), [1])  # rows >= r
-    above = torch.cumsum(col, 1)  # rows <= r
-    out = torch.zeros(h, len(windows), dtype=torch.float64)
-    for c, w in enumerate(windows):
-        kept = band[:, w - 1].double()
-        for t in range(s):
-            if t + w < n:  # rows i >= t + w miss sink t in their band
-                kept += below[:, t + w, t].double()
-            if (not causal) and (t - w >= 0):  # rows i <= t - w (bidirectional)
-                kept += above[:, t - w, t].double()
-        out[:, c] = kept
-    return out
+    col = p[..., :s].sum(0).double()  # (H, N rows, s)
+    below = torch.flip(torch.cumsum(torch.flip(col, [1]), 1), [1])  # mass on rows >= r
+    above = torch.cumsum(col, 1)  # mass on rows <= r
+    for t in range(s):
+        start = t + w  # rows i >= t + w miss sink t in their band
+        kept += below[:, start.clamp(max=n - 1), t] * (start < n)
+        if not causal:  # and rows i <= t - w
+            stop = t - w
+            kept += above[:, stop.clamp(min=0), t] * (stop >= 0)
+    return kept
 
 
 def default_candidates() -> list[Window]:
