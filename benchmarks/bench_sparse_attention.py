@@ -230,15 +230,25 @@ def bench_model(threads: int, seq: int, budgets: tuple[float, ...] = (0.25, 0.5)
         c, _ = uni
         alpha, beta = cands[c]
         matched = [float(d[c]) for d in scores["density"]]  # the uniform window's density
-        config, report = plan(gm, structure, ctx, density=matched, sink=SINK, scores=scores)
         variants[f"uniform w={alpha:g}+{beta:g}N"] = (
             SparseAttentionConfig(sink=SINK, alpha=alpha, beta=beta),
-            {"density": matched, "lost": report["uniform"]["lost"]},
+            {"density": matched, "lost": uni[1] / sum(scores["heads"].values())},
         )
-        variants[f"per-head (milp) @ {matched[-1]:.2f}"] = (
-            config,
-            {"density": report["plan"]["density"], "lost": report["plan"]["lost"]},
-        )
+        # K = 1: one window per layer (no head groups in the op); K = 2: MoA's per-head limit.
+        for k, label in ((1, "per-layer"), (2, "per-head")):
+            config, report = plan(
+                gm,
+                structure,
+                ctx,
+                density=matched,
+                sink=SINK,
+                scores=scores,
+                max_windows_per_layer=k,
+            )
+            variants[f"{label} (milp, K={k}) @ {matched[-1]:.2f}"] = (
+                config,
+                {"density": report["plan"]["density"], "lost": report["plan"]["lost"]},
+            )
 
     sample = {k: v[:1] for k, v in held[0].inputs.items()}  # 1 x seq, a full row
     programs = {"dense (original)": gm}

@@ -111,6 +111,17 @@ def test_op_matches_dense_reference(causal, sink, window, mask) -> None:
 
 
 @pytest.mark.parametrize("causal", [True, False])
+def test_op_long_prefix_in_pieces_matches_reference(causal: bool) -> None:
+    # w = 400 of N = 600: the rows before the body are computed in pieces of 256
+    q, k, v = _qkv(1, 2, 2, 600)
+    m = _mask("bool", 1, 2, 600)
+    for alpha in (400.0, 600.0):
+        want = local_attention_reference(q, k, v, m, 3, [alpha], [0.0], causal)
+        got = LOCAL_ATTENTION(q, k, v, m, 3, [alpha], [0.0], causal, None)
+        assert (got - want).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("causal", [True, False])
 def test_op_per_head_windows_match_reference(causal: bool) -> None:
     q, k, v = _qkv(2, 4, 4, 90)
     m = _mask("bool", 2, 4, 90)
@@ -439,9 +450,14 @@ def test_kept_mass_equals_brute_force() -> None:
 
 
 def test_milp_plan_beats_uniform_window_at_equal_density(llama: Tiny) -> None:
-    lengths = [35, 70]
     config, report = plan(
-        llama.gm, discover(llama.gm), llama.ctx(), density=0.5, sink=2, lengths=lengths
+        llama.gm,
+        discover(llama.gm),
+        llama.ctx(),
+        density=0.5,
+        sink=2,
+        lengths=[35, 70],
+        min_window=4,
     )
     assert report["uniform"] is not None
     assert report["plan"]["lost"] < report["uniform"]["lost"]

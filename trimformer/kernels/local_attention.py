@@ -223,13 +223,17 @@ def local_attention_chunked(
         bias  (1 | nb, 1 | Hm, C, C + left + right): 0 (or the mask's value) in the band, -inf off
         SDPA (with log-sum-exp)            -> (nb, H, C, Dv), lse (nb, H, C)
 
-    The sink keys are attended separately, (H, R, s) scores, and merged by log-sum-exp:
+    Every body row may see all s sinks (they lie before its band); a second SDPA over the sink
+    keys (an expanded view, (nb, H, s, D)) gives out_sink and lse_sink, merged by log-sum-exp:
 
         out = lerp(out_sink, out_window, sigmoid(lse_window - lse_sink))
 
-    which is softmax over the union (FlashAttention's rescaling, Dao et al. 2022). The first and
-    last few chunks (span reaching before the sinks or past the end) and short sequences are
-    computed exactly with one masked SDPA over the keys they can see. `chunk` forces C.
+    which is softmax over the union (FlashAttention's rescaling, Dao et al. 2022). The SDPA that
+    returns the log-sum-exp is ATen's `_scaled_dot_product_flash_attention_for_cpu` (the kernel
+    behind CPU SDPA; private, so pinned torch versions matter). The first and last few chunks
+    (span reaching before the sinks or past the end) and short sequences are computed exactly by
+    masked SDPA over the keys they can see (a long prefix in up to 4 pieces, each over the keys
+    up to its last row). `chunk` forces C.
 
     On devices other than CPU (the log-sum-exp kernel used here is CPU's), and when value's head
     dim differs from query's, every row takes the masked-SDPA route: exact, but O(N^2). CUDA uses
@@ -291,10 +295,10 @@ def _local_group(
     else:
         for bi in range(b):
             _body(q, k, v, mask, bi, lo, hi, c, w, s, causal, scale, out)
-    # The rows before the body see a prefix of the keys: in up to 4 pieces, each with the keys
-    # up to its own last row, a masked SDPA over them costs ~5/8 of the square instead of all.
+    # The rows before the body see a prefix of the keys: cut into up to 4 pieces, each seeing
+    # the keys up to its own last row, a long prefix costs ~5/8 of the square instead of all.
     head = lo * c if hi > lo else n
-    piece = max(c, -(-head // 4))
+    piece = max(256, -(-head // 4))
     for r0 in range(0, head, piece):
         _rows(q, k, v, mask, r0, min(head, r0 + piece), w, s, causal, scale, out)
     if hi > lo:
@@ -355,7 +359,8 @@ def _rows(
         kk, vv = k.index_select(2, cols), v.index_select(2, cols)
     if mask is not None:
         g = mask if mask.shape[-2] == 1 else mask[:, :, r0:r1]
-        g = g if g.shape[-1] == 1 else g.index_select(3, cols)  # (bm, hm, R | 1, K | 1)
+        if g.shape[-1] > 1:  # (bm, hm, R | 1, K)
+            g = g[..., :k1] if cols.numel() == k1 else g.index_select(3, cols)
         if g.dtype == torch.bool:
             bias = torch.where(g & allowed, 0.0, -math.inf).to(q.dtype)
         else:

@@ -120,7 +120,10 @@ def prepare(loaded: Loaded, opts: RunOptions, progress: Progress) -> Prepared:
             f"{loaded.source}: no transformer blocks found in the graph ({detail}); "
             "run `trimformer inspect` on it to see what was matched"
         )
-    ctx = Context(kind=loaded.kind, batches=[b.inputs for b in calib])
+    # The teacher is the captured graph itself: run() edits a deep copy, never `gm`.
+    ctx = Context(
+        kind=loaded.kind, batches=[b.inputs for b in calib], teacher=gm, progress=progress
+    )
     return Prepared(loaded, gm, structure, ctx, calib, evaluation, split)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trimformer.passes import cleanup, drop, int8, prune, skip
+from trimformer.passes import cleanup, drop, fold_norm, int8, prune, recover, repbn, skip
 from trimformer.passes.base import PassSpec
 
 PASSES: dict[str, PassSpec] = {
@@ -12,6 +12,9 @@ PASSES: dict[str, PassSpec] = {
         drop.SPEC,
         prune.SPEC,
         skip.SPEC,
+        fold_norm.SPEC,  # exact: after lossy passes, before export stages
+        repbn.SPEC,
+        recover.SPEC,  # after the lossy passes it repairs
         int8.SPEC,  # an export stage: last in any recipe
     )
 }

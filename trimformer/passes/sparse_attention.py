@@ -281,12 +281,17 @@ def score(
     sink: int = 4,
     lengths: Sequence[int] | None = None,
     candidates: Sequence[Window] | None = None,
+    min_window: int = 16,
 ) -> dict[str, Any]:
     """Kept attention mass of every head for every candidate window, at each length.
 
     Lengths default to the calibration batches' length N and N // 2 (batches are cropped to
-    shorter lengths). Returns {"lengths", "candidates", "sink", "causal", "blocks",
-    "heads", "kept": [block][head][length][candidate], "density": [length][candidate]}.
+    shorter lengths). Candidates whose window is under `min_window` tokens at the shortest
+    length are left out (MoA floors every span at 128 tokens): kept mass cannot see that a head
+    which puts its mass on the sinks and itself still needs the rest.
+
+    Returns {"lengths", "candidates", "sink", "causal", "blocks", "heads",
+    "kept": {block: [head][length][candidate]}, "density": [length][candidate]}.
     """
     if not ctx.batches:
         raise PassError("sparse-attention: scoring needs calibration batches (ctx.batches)")
@@ -297,7 +302,17 @@ def score(
     lengths = sorted({int(x) for x in (lengths or (full, full // 2)) if 2 <= int(x) <= full})
     if not lengths:
         raise PassError(f"sparse-attention: no usable calibration length (batches have {full})")
-    cands = list(candidates or default_candidates())
+    shortest = lengths[0]
+    cands = [
+        c
+        for c in (candidates or default_candidates())
+        if window_size(c[0], c[1], shortest) >= min(min_window, shortest)
+    ]
+    if not cands:
+        raise PassError(
+            f"sparse-attention: no candidate window reaches min_window={min_window} tokens at "
+            f"N = {shortest}; lower min_window or pass larger candidates"
+        )
     causal = {bi: bool(att.causal or args_of(att.core).get("is_causal")) for bi, att in cores}
     nodes: list[fx.Node] = []
     for _, att in cores:
@@ -403,6 +418,7 @@ def plan(
     lengths: Sequence[int] | None = None,
     candidates: Sequence[Window] | None = None,
     max_windows_per_layer: int | None = 2,
+    min_window: int = 16,
     scores: dict[str, Any] | None = None,
     time_limit: float = 30.0,
 ) -> tuple[SparseAttentionConfig, dict[str, Any]]:
@@ -416,7 +432,15 @@ def plan(
     from scipy.sparse import lil_matrix
 
     if scores is None:
-        scores = score(gm, structure, ctx, sink=sink, lengths=lengths, candidates=candidates)
+        scores = score(
+            gm,
+            structure,
+            ctx,
+            sink=sink,
+            lengths=lengths,
+            candidates=candidates,
+            min_window=min_window,
+        )
     budget = _budgets(scores, density)
     lost = _lost_matrix(scores)  # (H, C)
     dens = np.asarray(scores["density"])  # (L, C)
