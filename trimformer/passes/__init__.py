@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from trimformer.passes import cleanup, drop, fold_norm, int8, prune, recover, repbn, skip
+from trimformer.passes import (
+    cleanup,
+    drop,
+    fold_norm,
+    int8,
+    prune,
+    recover,
+    repbn,
+    skip,
+    sparse_attention,
+)
 from trimformer.passes.base import PassSpec
 
 PASSES: dict[str, PassSpec] = {
@@ -12,6 +22,7 @@ PASSES: dict[str, PassSpec] = {
         drop.SPEC,
         prune.SPEC,
         skip.SPEC,
+        sparse_attention.SPEC,
         fold_norm.SPEC,  # exact: after lossy passes, before export stages
         repbn.SPEC,
         recover.SPEC,  # after the lossy passes it repairs
