@@ -55,6 +55,8 @@ def main() -> None:
             ref = quality.reference_outputs(prep.gm, prep.evaluation)
             base_q = quality.evaluate(loaded.kind, prep.gm, prep.evaluation, ref).metrics[metric]
             mixes = [("drop,prune", {"drop", "prune"})]
+            if runtime == "onnxruntime":
+                mixes.append(("drop,prune,int8", {"drop", "prune", "int8"}))
             if args.single:
                 mixes += [("drop", {"drop"}), ("prune", {"prune"})]
             for target in (float(t) for t in args.targets.split(",")):
