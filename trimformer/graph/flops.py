@@ -54,6 +54,20 @@ def count_flops(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> int:
             a = args_of(n)
             q, k = shapes[a["query"]], shapes[a["key"]]
             total += 4 * math.prod(q[:-1]) * k[-2] * q[-1]
+        elif is_op(n, ops.LOCAL_ATTENTION):
+            # sink + window keys per query (trimformer::local_attention), averaged over heads
+            a = args_of(n)
+            q = shapes[a["query"]]
+            length = q[2]
+            alpha, beta = list(a["window_alpha"]), list(a["window_beta"])
+            if len(beta) < len(alpha):
+                beta = beta * len(alpha)
+            windows = [
+                min(length, max(1, int(al + be * length)) + int(a["sink"]))
+                for al, be in zip(alpha, beta, strict=False)
+            ]
+            keys = sum(windows) / len(windows)
+            total += int(4 * math.prod(q[:-1]) * keys * q[-1])
         elif is_op(n, ops.MATMUL):
             a = args_of(n)
             lhs = shapes[a["self"]]
