@@ -392,10 +392,10 @@ def search(
             proxies[plan] = proxy_loss(kind, m)
         return proxies[plan]
 
-    def cheap_cost(plan: Plan, block: int, kind_: str) -> float:
+    def cheap_cost(nxt: Plan, block: int, kind_: str) -> float:
+        # The sub-layer's LLM-Drop score, scaled by how much of it the move takes away.
         drop = builder.drop_scores[kind_].get(block, 0.0)
-        rung = _rung(plan, block, kind_)
-        return drop * (1.0 - rung + 1e-3)
+        return drop * (1.0 - _rung(nxt, block, kind_))
 
     candidates: list[Candidate] = []
     current = Plan()
@@ -418,7 +418,7 @@ def search(
                 saved = now - model.predict(nxt)
                 if saved <= 0:
                     continue
-                moves.append((cheap_cost(plan, block, kind_) / saved, nxt, saved))
+                moves.append((cheap_cost(nxt, block, kind_) / saved, nxt, saved))
             if int8_loss is not None and not plan.int8:
                 nxt = replace(plan, int8=True)
                 saved = now - model.predict(nxt)
@@ -429,8 +429,10 @@ def search(
             # A move that jumps far past the goal overshoots the band: try those last.
             floor_ms = base_ms / (BAND[1] * target)
             moves.sort(key=lambda m: (now - m[2] < floor_ms, m[0]))
+            # int8 is one global move whose loss is already measured: always on the short list.
+            short = moves[:SHORT_LIST] + [m for m in moves[SHORT_LIST:] if m[1].int8]
             scored = []
-            for _, nxt, saved in moves[:SHORT_LIST]:
+            for _, nxt, saved in short:
                 loss_n = proxy_of(nxt)
                 c = Candidate(nxt, describe(nxt), model.predict(nxt), proxy=loss_n)
                 candidates.append(c)
