@@ -300,23 +300,47 @@ def export_small(module: nn.Module) -> fx.GraphModule:
     return torch.export.export(module.eval(), (x,), dynamic_shapes=dyn, strict=False).module()
 
 
-def fold_small(module: nn.Module) -> tuple[float, dict, fx.GraphModule]:
+def fold_small(
+    module: nn.Module, config: FoldNormConfig | None = None
+) -> tuple[float, dict, fx.GraphModule]:
     gm = export_small(module)
     original = copy.deepcopy(gm)
-    changes = fold_norm(gm, discover(gm), FoldNormConfig(), Context("encoder", []))
+    changes = fold_norm(gm, discover(gm), config or FoldNormConfig(), Context("encoder", []))
     x = torch.randn(3, 7, 8)
     with torch.no_grad():
         diff = float((gm(x) - original(x)).abs().max())
     return diff, changes, gm
 
 
-def test_eval_batchnorm_folds_and_adds_a_bias() -> None:
+def adds(gm: fx.GraphModule) -> int:
+    return sum(is_op(n, ops.ADD) for n in gm.graph.nodes)
+
+
+def test_eval_batchnorm_shift_goes_once_on_the_input() -> None:
     diff, changes, gm = fold_small(TokenBN(residual=False))
     assert diff <= TOL
     assert changes["folded"][0]["kind"] == "batch_norm"
-    assert changes["bias_params_added"] == 5
+    assert changes["folded"][0]["shift"] == "input"
+    assert changes["bias_params_added"] == 0 and changes["shift_params_added"] == 8
+    assert adds(gm) == 1  # x + t/s on the 8 input channels; the linear stays bias-free
     assert not any(n.target == torch.ops.aten.batch_norm.default for n in gm.graph.nodes)
     assert changes["norm_params_removed"] == 4 * 8
+
+
+def test_eval_batchnorm_shift_into_a_new_bias() -> None:
+    config = FoldNormConfig(shift_on_input=False)
+    diff, changes, gm = fold_small(TokenBN(residual=False), config)
+    assert diff <= TOL
+    assert changes["folded"][0]["shift"] == "biases"
+    assert changes["bias_params_added"] == 5 and changes["shift_params_added"] == 0
+    assert adds(gm) == 0  # the shift is inside linear's bias
+
+
+def test_shift_stays_in_biases_when_every_reader_has_one() -> None:
+    diff, changes, gm = fold_small(Affine())  # nn.Linear(8, 5) has a bias
+    assert diff <= TOL
+    assert changes["folded"][0]["shift"] == "biases" and changes["shift_params_added"] == 0
+    assert adds(gm) == 0
 
 
 def test_batchnorm_read_by_a_non_linear_is_kept() -> None:

@@ -15,9 +15,16 @@ Which affines (C = the channel axis, always the last one):
 
 A reader counts as a linear when it is `aten.linear` / `aten.addmm` taking the tensor as its
 input, reached directly or through ops that keep the channel axis last and the values unchanged
-(view/reshape to [..., C], eval-mode dropout, same-dtype casts, metadata asserts). A linear with
-no bias gets one (a new parameter) when t ≠ 0. The fold runs in float64 and is cast back, so the
-outputs match the unfolded graph up to float rounding.
+(view/reshape to [..., C], eval-mode dropout, same-dtype casts, metadata asserts). The fold runs
+in float64 and is cast back, so the outputs match the unfolded graph up to float rounding.
+
+Where the shift goes (t ≠ 0). When every reader has a bias, into the biases (c' = c + W t: free).
+When some reader has none (Llama's q/k/v/gate/up after `repbn`), giving each a bias costs one
+add per reader on its *output* (onnxruntime runs MatMul + Add; 5 readers of a 256-channel
+norm in the sample add 1,888 channels per token per block). With `shift_on_input` (default)
+and no zero in s, the shift is added once on the C-channel input instead:
+
+    W (s ⊙ n + t) = (W · diag(s)) (n + t / s)      one add over C channels, no new biases
 
 Surgery, Llama pre-norm q/k/v (GPT-2: the same with layer_norm(x, [C], None, None) left behind):
 
@@ -37,7 +44,7 @@ Kept as is, with the reason in the record:
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -47,6 +54,7 @@ from torch import fx
 from trimformer.graph import ops
 from trimformer.graph.rewrite import (
     add_param,
+    annotate,
     args_of,
     finish,
     get_param,
@@ -85,6 +93,11 @@ class FoldNormConfig(PassConfig):
         False,
         description="also fold into linears whose weight is shared (tied lm_head), giving them "
         "their own folded copy (adds parameters)",
+    )
+    shift_on_input: bool = Field(
+        True,
+        description="when a reading linear has no bias, add the shift once on the input "
+        "(x + t/s) instead of giving every reader a bias",
     )
 
 
@@ -356,6 +369,49 @@ def _detach_affine(site: Site) -> None:
         site.node.replace_all_uses_with(site.bare)
 
 
+def _wants_input_shift(site: Site, readers: list[Node]) -> bool:
+    """Shift once on the input: some reader lacks a bias, and s has no zero to divide by."""
+    if site.shift is None or not bool((site.shift != 0).any()):
+        return False
+    if site.scale is not None and not bool((site.scale != 0).all()):
+        return False
+    return any(param_target(args_of(lin).get(_weight_arg(lin)[1])) is None for lin in readers)
+
+
+def _detach_with_input_shift(gm: fx.GraphModule, site: Site) -> int:
+    """`_detach_affine`, but the readers read `bare + t/s` (one add); returns the params added.
+
+        before                        after (readers' weights already W·diag(s))
+        n = bare normalization        n = bare normalization
+        y = s ⊙ n + t                 m = add(n, t/s)
+        q = linear(y, W)              q = linear(m, W·diag(s))
+
+    Only the affine's own readers are rewired: `bare` may have other users (the residual add).
+    """
+    if site.shift is None:
+        raise ValueError("_detach_with_input_shift needs a site with a shift")
+    t = site.shift.double()
+    value = t / site.scale.double() if site.scale is not None else t
+    users = list(site.node.users)
+    if site.kind == "layer_norm":
+        set_arg(site.node, "weight", None)
+        set_arg(site.node, "bias", None)
+        n = site.node
+    else:
+        n = site.bare
+    meta = tensor_meta(site.node)
+    dtype = meta.dtype if meta is not None else torch.float32
+    prefix = site.params[0].rpartition(".")[0]
+    target = f"{prefix}.folded_shift" if prefix else "folded_shift"
+    p = add_param(gm, target, value.to(dtype), before=site.node)
+    with gm.graph.inserting_after(site.node):
+        add = gm.graph.call_function(aten.add.Tensor, (n, p))
+    annotate(add, site.node, "fold-norm: the folded shift t/s, added once on the input")
+    for u in users:
+        u.replace_input_with(site.node, add)
+    return int(value.numel())
+
+
 def _record(site: Site, **extra: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"name": site.name, "node": site.node.name, "kind": site.kind}
     out.update(extra)
@@ -368,6 +424,7 @@ def fold_sites(
     residual_adds: set[Node],
     untie_shared: bool = False,
     report_affines: bool = False,
+    shift_on_input: bool = True,
 ) -> dict[str, Any]:
     """Fold each site whose readers are all linears; returns the pass record's changes.
 
@@ -382,7 +439,7 @@ def fold_sites(
     numel = {p: get_param(gm, p).numel() for s in sites for p in s.params}
 
     folded, kept = [], []
-    biases_added = untied = untied_params = 0
+    biases_added = untied = untied_params = shift_params = 0
     for site in sites:
         readers = linear_readers(site, residual_adds)
         if isinstance(readers, str):
@@ -404,16 +461,21 @@ def fold_sites(
             )
             kept.append(_record(site, reason=reason))
             continue
+        on_input = shift_on_input and _wants_input_shift(site, readers)
+        scale_only = replace(site, shift=None) if on_input else site
         into = []
         for lin in readers:
-            added, was_untied = _fold_into(gm, lin, site, untie=lin in shared)
+            added, was_untied = _fold_into(gm, lin, scale_only, untie=lin in shared)
             biases_added += added
             if was_untied:
                 untied += 1
                 untied_params += get_param(gm, args_of(lin)[_weight_arg(lin)[0]].target).numel()
             into.append(module_path(lin) or lin.name)
-        _detach_affine(site)
-        folded.append(_record(site, into=into))
+        if on_input:
+            shift_params += _detach_with_input_shift(gm, site)
+        else:
+            _detach_affine(site)
+        folded.append(_record(site, into=into, shift="input" if on_input else "biases"))
 
     finish(gm)
     still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -428,6 +490,7 @@ def fold_sites(
         "kept_count": len(kept),
         "norm_params_removed": sum(numel[p] for p in removed_params),
         "bias_params_added": biases_added,
+        "shift_params_added": shift_params,
         "weights_untied": untied,
         "untied_params_added": untied_params,
     }
@@ -438,7 +501,13 @@ def fold_norm(
 ) -> dict[str, Any]:
     """Fold every norm / BN / per-channel affine read only by linears into those linears."""
     adds = {s.add for s in structure.sublayers()}
-    return fold_sites(gm, find_sites(gm), adds, untie_shared=config.untie_shared)
+    return fold_sites(
+        gm,
+        find_sites(gm),
+        adds,
+        untie_shared=config.untie_shared,
+        shift_on_input=config.shift_on_input,
+    )
 
 
 SPEC = PassSpec(
@@ -447,7 +516,10 @@ SPEC = PassSpec(
     "that read them",
     exactness="exact",
     config=FoldNormConfig,
-    knobs={"untie_shared": "also fold into tied linears by giving them a copy (more params)"},
+    knobs={
+        "untie_shared": "also fold into tied linears by giving them a copy (more params)",
+        "shift_on_input": "shift added once on the input when a reader has no bias",
+    },
     apply=fold_norm,
     paper="SLAB: Efficient Transformers with Simplified Linear Attention and Progressive "
     "Re-parameterized Batch Normalization (ICML 2024), merge step",
