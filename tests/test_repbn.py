@@ -23,6 +23,7 @@ from trimformer.graph.structure import discover  # noqa: E402
 from trimformer.optimizer.pipeline import verify_graph  # noqa: E402
 from trimformer.passes.base import Context  # noqa: E402
 from trimformer.passes.repbn import (  # noqa: E402
+    HiddenTargets,
     LinearNorm,
     RepBNConfig,
     convert,
@@ -183,3 +184,46 @@ def test_blocks_knob_converts_only_those_blocks(tiny: Case) -> None:
     ]
     with pytest.raises(PassError, match="out of range"):
         insert_linear_norms(copy.deepcopy(tiny.gm), discover(gm), RepBNConfig(blocks=[7]))
+
+
+# ----------------------------------------------------------------------------- training knobs
+
+
+def test_hidden_targets_are_the_original_norm_outputs(tiny: Case) -> None:
+    gm, teacher = copy.deepcopy(tiny.gm), copy.deepcopy(tiny.gm)
+    created = insert_linear_norms(gm, discover(gm), CFG)
+    targets = HiddenTargets(teacher, [m for _, m in created], weight=1.0)
+    batch = tiny.check
+    for m in targets.modules:
+        m.mode, m.lam = "train", 1.0  # λ = 1: each LinearNorm is its norm
+    outputs(gm, batch)
+    assert float(targets(0, batch)) <= 1e-10
+    for m in targets.modules:
+        m.lam = 0.0  # zero-initialized RepBN outputs 0: far from every target
+    outputs(gm, batch)
+    assert float(targets(0, batch)) >= 0.5
+    targets.close()
+    assert all(m.output is None and not m.keep_output for m in targets.modules)
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1.0])
+def test_model_lr_scale_slows_the_model_weights(tiny: Case, scale: float) -> None:
+    gm = copy.deepcopy(tiny.gm)
+    config = CFG.model_copy(update={"model_lr_scale": scale, "hidden_weight": 0.5})
+    _, result, _ = convert(gm, discover(gm), config, context("causal-lm"))
+    assert all("extra" in p for p in result.curve)
+    before = dict(tiny.gm.named_parameters())
+    moved = max(
+        float((p - before[name]).abs().max())
+        for name, p in gm.named_parameters()
+        if name in before and name.endswith("q_proj.weight")
+    )
+    assert (moved < 1e-6) if scale < 1e-6 else (moved > 1e-4)
+
+
+def test_sublayers_knob_converts_only_attention_norms(tiny: Case) -> None:
+    gm = copy.deepcopy(tiny.gm)
+    created = insert_linear_norms(gm, discover(gm), RepBNConfig(sublayers=["attention"]))
+    assert [module_path(n) for n, _ in created] == [
+        f"model.layers.{i}.input_layernorm" for i in range(LAYERS)
+    ]

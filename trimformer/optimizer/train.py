@@ -22,6 +22,12 @@ Contract:
   shared, loaded 2-core machine 1 thread trained 6x faster than 2 (OpenMP oversubscription).
 - `before_step(step)` (optional) runs before each step (repbn sets its blend there) and may
   return numbers to log next to the loss; `progress(message)` gets a line every `log_every` steps.
+- `extra_loss(index, batch)` (optional) runs right after the student's forward on training batch
+  `index` and returns a scalar added to the loss (repbn's per-norm hidden-state targets: the
+  student's intermediate values are read from where its forward left them). It is logged as
+  "extra" next to the loss; held-out measurements use the output loss only.
+- `params` are plain parameters (all at `lr`) or `ParamGroup`s, each at `lr · lr_scale` (the
+  same schedule, scaled).
 """
 
 from __future__ import annotations
@@ -40,6 +46,14 @@ from trimformer.errors import TrimformerError
 
 Batch = dict[str, Tensor]
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters trained at `lr_scale` times the schedule's learning rate."""
+
+    params: Sequence[nn.Parameter]
+    lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -191,10 +205,11 @@ def distill(
     batches: Sequence[Batch],
     *,
     kind: str,
-    params: Sequence[nn.Parameter],
+    params: Sequence[nn.Parameter] | Sequence[ParamGroup],
     config: TrainConfig,
     heldout: Sequence[Batch] = (),
     before_step: Callable[[int], dict[str, float] | None] | None = None,
+    extra_loss: Callable[[int, Batch], Tensor] | None = None,
     progress: Progress | None = None,
 ) -> TrainResult:
     """Train `params` of `student` towards `teacher` on `batches`; see the module docstring."""
@@ -202,6 +217,11 @@ def distill(
         raise TrimformerError(f"distill: unknown model kind {kind!r}; one of {list(LOSS_NAMES)}")
     if not batches:
         raise TrimformerError("distill: no training batches; pass calibration text")
+    if all(isinstance(g, ParamGroup) for g in params):
+        groups = [g for g in params if isinstance(g, ParamGroup) and g.params]
+    else:
+        groups = [ParamGroup(list(params))]  # type: ignore[arg-type]
+    params = [p for g in groups for p in g.params]
     if not params:
         raise TrimformerError("distill: no parameters to train")
     torch.manual_seed(config.seed)
@@ -213,7 +233,11 @@ def distill(
     for p in params:
         p.requires_grad_(True)
     teacher_out = TeacherOutputs(teacher, config.cache_bytes)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [{"params": list(g.params), "lr_scale": g.lr_scale} for g in groups],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+    )
     result = TrainResult(loss_name=LOSS_NAMES[kind])
     best_state: list[Tensor] | None = None
     bad_evals = 0
@@ -233,7 +257,7 @@ def distill(
         for step in range(config.steps):
             extras = (before_step(step) if before_step is not None else None) or {}
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, config)
+                group["lr"] = _lr_at(step, config) * group["lr_scale"]
             if step > 0 and step % len(batches) == 0:  # a new pass over the data, new order
                 order = torch.randperm(len(batches), generator=shuffle)
             index = int(order[step % len(batches)])
@@ -241,8 +265,12 @@ def distill(
             want = teacher_out(index, batch)
             got = student(**batch)
             loss = distill_loss(kind, got, want, real_positions(batch, want))
-            value = float(loss.detach())
-            if not math.isfinite(value):
+            value = float(loss.detach())  # the curve shows the output loss
+            if extra_loss is not None:
+                extra = extra_loss(index, batch)
+                extras = {**extras, "extra": float(extra.detach())}
+                loss = loss + extra
+            if not math.isfinite(float(loss.detach())):
                 raise TrimformerError(
                     f"distillation diverged at step {step} (loss {value}); lower the "
                     "learning rate or lengthen the schedule"

@@ -28,8 +28,14 @@ k = cov(x, Norm(x))/var(x) per channel), so RepBN approximates Norm before train
 "zero" is SLAB's LLaMA recipe (γ_bn = β_bn = η = 0: the RepBN branch starts at zero).
 
 Which norms: every sub-layer's pre-norm (Llama, GPT-2, ViT) or post-norm (BERT) of the chosen
-`blocks` (default all), except, with `keep_final`, a post-norm whose output is the model output
-(the last BERT block's). Norms outside the blocks (final norm, embedding norm) stay.
+`blocks` (default all) and `sublayers` (default attention and mlp), except, with `keep_final`, a
+post-norm whose output is the model output (the last BERT block's). Norms outside the blocks
+(final norm, embedding norm) stay.
+
+Training knobs beyond SLAB (ours): `hidden_weight` adds per-norm hidden-state targets (each
+converted norm's output vs the original norm's, layer-wise distillation as in TinyBERT, Jiao et
+al. 2020) to the output loss; `model_lr_scale` trains the model's own weights at a lower
+learning rate than the new BN parameters.
 
 Surgery (Llama pre-norm, one sub-layer):
 
@@ -66,9 +72,17 @@ from trimformer.graph.rewrite import (
     finish,
     get_param,
     module_path,
+    tap,
 )
 from trimformer.graph.structure import Norm, Structure
-from trimformer.optimizer.train import TrainConfig, TrainResult, distill, real_positions, rebatch
+from trimformer.optimizer.train import (
+    ParamGroup,
+    TrainConfig,
+    TrainResult,
+    distill,
+    real_positions,
+    rebatch,
+)
 from trimformer.passes.base import Context, PassConfig, PassSpec
 from trimformer.passes.fold_norm import REPBN_NOTE, find_sites, fold_sites
 
@@ -93,6 +107,24 @@ class RepBNConfig(PassConfig):
     keep_final: bool = Field(True, description="keep a post-norm that is the model output")
     blocks: list[int] | None = Field(
         None, description="blocks whose norms are converted (None: every block)"
+    )
+    sublayers: list[Literal["attention", "mlp"]] = Field(
+        default_factory=lambda: ["attention", "mlp"],
+        description="which sub-layers' norms are converted (post-norm BERT: converting only "
+        "'attention' keeps one real norm per block on the residual stream)",
+    )
+    model_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        description="with train='all': the model's own weights train at lr · model_lr_scale "
+        "(the new BN / η parameters at lr)",
+    )
+    hidden_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the per-norm hidden-state targets added to the output loss: "
+        "each converted norm's output vs the original norm's, MSE over the original's variance "
+        "(0: output loss only)",
     )
     threads: int = Field(
         1, ge=0, description="torch threads while training (0: leave torch's setting)"
@@ -157,6 +189,9 @@ class LinearNorm(nn.Module):
         self.lam = 1.0
         self.mode = "train"
         self._sums: dict[str, Tensor] = {}
+        self.source = ""  # name of the norm's output node in the graph it was inserted into
+        self.keep_output = False  # keep the last output in `self.output` (hidden targets)
+        self.output: Tensor | None = None
 
     def norm(self, x: Tensor) -> Tensor:
         if self.kind == "layer_norm":
@@ -187,6 +222,11 @@ class LinearNorm(nn.Module):
         return xhat * self.bn_weight + self.bn_bias + self.eta * x
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        y = self._forward(x, attention_mask)
+        self.output = y if self.keep_output else None
+        return y
+
+    def _forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         mask = {} if attention_mask is None else {"attention_mask": attention_mask}
         real = real_positions(mask, x)
         if self.mode == "fit":
@@ -254,6 +294,8 @@ def _targets(gm: fx.GraphModule, structure: Structure, config: RepBNConfig) -> l
         if config.blocks is not None and block.index not in config.blocks:
             continue
         for sub in block.sublayers:
+            if sub.kind not in config.sublayers:
+                continue
             for norm in (sub.pre_norm, sub.post_norm):
                 if norm is None or any(norm.output is f.output for f in found):
                     continue
@@ -289,6 +331,7 @@ def insert_linear_norms(
         owner = (norm.weight or norm.bias or "").rpartition(".")[0]
         channels = int(val.shape[-1])
         module = LinearNorm(norm.kind, channels, norm.eps, weight, bias, config.momentum, owner)
+        module.source = norm.output.name
         name = f"trimformer_repbn_{i}"
         while hasattr(gm, name):
             name += "_"
@@ -392,6 +435,68 @@ def fold_linear_norms(gm: fx.GraphModule, structure: Structure) -> dict[str, Any
     return changes
 
 
+# ----------------------------------------------------------------------------- hidden targets
+
+
+class HiddenTargets:
+    """Per-norm hidden-state targets: the original norms' outputs, next to the output loss.
+
+    The loss for a training batch is `weight · mean_i ‖h_i − h*_i‖² / var(h*_i)` over real
+    positions, h_i the i-th LinearNorm's output in the student's last forward, h*_i the output
+    of the norm it replaced in the teacher (layer-wise distillation, as in TinyBERT: Jiao et
+    al., 2020). Dividing by the target's variance weighs every norm alike whatever its scale.
+    Teacher values are cached per batch while they fit in `budget` bytes.
+    """
+
+    def __init__(
+        self,
+        teacher: fx.GraphModule,
+        modules: list[LinearNorm],
+        weight: float,
+        budget: int = 1 << 30,
+    ) -> None:
+        by_name = {n.name: n for n in teacher.graph.nodes}
+        missing = [m.source for m in modules if m.source not in by_name]
+        if missing:
+            raise PassError(f"repbn: hidden targets: no node {missing[0]} in the original graph")
+        self.probe = tap(teacher, [by_name[m.source] for m in modules])
+        self.modules = modules
+        self.weight = weight
+        self.budget = budget
+        self.used = 0
+        self.cache: dict[int, tuple[Tensor, ...]] = {}
+        for m in modules:
+            m.keep_output = True
+
+    def targets(self, index: int, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        hit = self.cache.get(index)
+        if hit is not None:
+            return hit
+        with torch.no_grad():
+            out = tuple(t.detach() for t in self.probe(**batch))
+        size = sum(t.numel() * t.element_size() for t in out)
+        if self.used + size <= self.budget:
+            self.cache[index] = out
+            self.used += size
+        return out
+
+    def __call__(self, index: int, batch: dict[str, Tensor]) -> Tensor:
+        want = self.targets(index, batch)
+        real = real_positions(batch, want[0])
+        terms = []
+        for m, t in zip(self.modules, want, strict=True):
+            if m.output is None:
+                raise PassError(f"repbn: hidden targets: {m.source} kept no output")
+            target = t[real]
+            terms.append((m.output[real] - target).pow(2).mean() / target.var().clamp_min(1e-12))
+        return self.weight * torch.stack(terms).mean()
+
+    def close(self) -> None:
+        for m in self.modules:
+            m.keep_output, m.output = False, None
+        self.cache = {}
+
+
 # ----------------------------------------------------------------------------- the pass
 
 
@@ -429,10 +534,16 @@ def _convert(
         fit_init(gm, batches[: config.fit_batches])
     if ctx.progress is not None:
         ctx.progress(f"repbn: {len(created)} norms -> PRepBN, {config.steps} steps")
-    params = (
-        list(gm.parameters())
-        if config.train == "all"
-        else [p for m in _linear_norms(gm) for p in m.parameters()]
+    own = [p for m in _linear_norms(gm) for p in m.parameters()]
+    mine = {id(p) for p in own}
+    groups = [ParamGroup(own)]
+    if config.train == "all":
+        rest = [p for p in gm.parameters() if id(p) not in mine]
+        groups.append(ParamGroup(rest, config.model_lr_scale))
+    hidden = (
+        HiddenTargets(teacher, [m for _, m in created], config.hidden_weight)
+        if config.hidden_weight > 0
+        else None
     )
 
     def before_step(step: int) -> dict[str, float]:
@@ -448,16 +559,21 @@ def _convert(
         log_every=max(1, config.steps // 20),
         threads=config.threads,
     )
-    result = distill(
-        gm,
-        teacher,
-        batches,
-        kind=ctx.kind,
-        params=params,
-        config=train,
-        before_step=before_step,
-        progress=ctx.progress,
-    )
+    try:
+        result = distill(
+            gm,
+            teacher,
+            batches,
+            kind=ctx.kind,
+            params=groups,
+            config=train,
+            before_step=before_step,
+            extra_loss=hidden,
+            progress=ctx.progress,
+        )
+    finally:
+        if hidden is not None:
+            hidden.close()
     refresh_statistics(gm, batches[: config.refresh_batches])
     return [module_path(n) or n.name for n, _ in created], result, len(batches)
 
@@ -486,6 +602,8 @@ SPEC = PassSpec(
     config=RepBNConfig,
     knobs={
         "blocks": "which blocks' norms are converted (fewer: closer to the original)",
+        "sublayers": "attention and/or mlp norms (fewer: closer to the original)",
+        "hidden_weight": "per-norm hidden-state targets next to the output loss",
         "decay_steps": "length of the λ 1→0 schedule (longer: closer to the original)",
         "final_steps": "steps at λ = 0 before the BN statistics refresh",
         "lr": "learning rate of the distillation",
