@@ -223,3 +223,51 @@ def test_int8_stage_is_verified_and_evaluated_in_onnxruntime(tmp_path: Path) -> 
     ppl = report["quality"]["after_int8_onnxruntime"]["metrics"]["perplexity"]
     assert ppl != report["quality"]["before"]["metrics"]["perplexity"]  # measured, not copied
     assert report["latency"]["onnxruntime_program"] == "model.int8.onnx"
+
+
+# ----------------------------------------------------------------------------- issue 5 flags
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--repbn-steps", "3"], "--repbn-steps needs --repbn"),
+        (["--recover", "lorax"], "use lora or full"),
+        (["--recover", "lora", "--recover-steps", "0"], "at least 1 step"),
+    ],
+)
+def test_training_flags_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
+    res = cli("optimize", *args, "--out", tmp_path / "out")
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and needle in res.stderr
+
+
+def test_fold_norm_repbn_recover_from_flags(tmp_path: Path) -> None:
+    out = tmp_path / "trained"
+    res = cli(
+        "optimize",
+        "--drop-attention", "1",
+        "--repbn", "--repbn-steps", "4",
+        "--recover", "lora", "--recover-steps", "2",
+        "--fold-norm",
+        "--runtime", "torch", "--no-onnx",
+        "--out", out,
+        *FAST,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "report.json").read_text())
+    passes = {p["name"]: p for p in report["passes"]}
+    assert [p["name"] for p in report["passes"]] == [
+        "cleanup", "drop", "repbn", "recover", "fold-norm"
+    ]  # fmt: skip
+    repbn = passes["repbn"]
+    assert repbn["config"]["decay_steps"] + repbn["config"]["final_steps"] == 4
+    assert repbn["changes"]["training"]["steps_run"] == 4
+    assert repbn["changes"]["converted_count"] == 11  # 12 pre-norms, less the dropped attention's
+    recover = passes["recover"]["changes"]
+    assert recover["method"] == "lora" and recover["lora_merged"] > 0
+    assert recover["training"]["steps_run"] <= 2
+    fold = passes["fold-norm"]["changes"]
+    assert fold["folded_count"] + fold["kept_count"] >= 1  # the final norm: folded or kept
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert [p["name"] for p in recipe["passes"]][-3:] == ["repbn", "recover", "fold-norm"]

@@ -207,8 +207,16 @@ def manual_steps(
     skip: float,
     int8: bool,
     progress: Any,
+    *,
+    fold_norm: bool = False,
+    repbn: bool = False,
+    repbn_steps: int | None = None,
+    recover: str | None = None,
+    recover_steps: int | None = None,
 ) -> list[Any]:
-    """Resolve the manual pass flags into steps: prune, then drop, then skip."""
+    """Resolve the manual pass flags into steps, in this order: cleanup, prune, drop, skip,
+    repbn (trains), recover (trains; after the lossy passes, so it repairs them), fold-norm
+    (exact, last graph edit: it folds what the others left), int8 (an export stage)."""
     from trimformer.optimizer.pipeline import Step
     from trimformer.passes import PASSES
     from trimformer.passes import drop as drop_pass
@@ -228,6 +236,19 @@ def manual_steps(
         steps.append(Step(PASSES["drop"], config, importance=scores))
     if skip:
         steps.append(Step(PASSES["skip"], PASSES["skip"].config(speedup=skip)))
+    if repbn:
+        conf = PASSES["repbn"].config()
+        if repbn_steps:  # λ decays over the first 3/4 of the steps, as in the defaults
+            decay = max(1, round(0.75 * repbn_steps))
+            conf = conf.model_copy(
+                update={"warm_steps": 0, "decay_steps": decay, "final_steps": repbn_steps - decay}
+            )
+        steps.append(Step(PASSES["repbn"], conf))
+    if recover:
+        update = {"method": recover, **({"steps": recover_steps} if recover_steps else {})}
+        steps.append(Step(PASSES["recover"], PASSES["recover"].config(**update)))
+    if fold_norm:
+        steps.append(Step(PASSES["fold-norm"], PASSES["fold-norm"].config()))
     if int8:
         steps.append(Step(PASSES["int8"], PASSES["int8"].config()))
     return steps
@@ -282,6 +303,33 @@ def optimize(
     skip: Annotated[
         float, typer.Option(help="Unified layer skipping: keep int(L / SKIP) evenly spaced blocks.")
     ] = 0.0,
+    fold_norm: Annotated[
+        bool,
+        typer.Option(
+            "--fold-norm", help="Fold norm weight/bias into the linears that read them (exact)."
+        ),
+    ] = False,
+    repbn: Annotated[
+        bool,
+        typer.Option(
+            "--repbn",
+            help="Replace the norms inside the blocks by BatchNorm (SLAB PRepBN, trained by "
+            "distillation), then fold them.",
+        ),
+    ] = False,
+    repbn_steps: Annotated[
+        int | None,
+        typer.Option(help="repbn training steps (default 300: the sample in a few minutes)."),
+    ] = None,
+    recover: Annotated[
+        str | None,
+        typer.Option(
+            help="After the lossy passes, distill from the original: lora (merged back) or full."
+        ),
+    ] = None,
+    recover_steps: Annotated[
+        int | None, typer.Option(help="Most recover steps (default 100; early stop).")
+    ] = None,
     shape: Annotated[str, typer.Option(help="BATCHxSEQ to measure latency at.")] = "8x128",
     runtime: Annotated[
         str, typer.Option(help="torch, onnxruntime, or both (the search targets torch then).")
@@ -328,7 +376,15 @@ def optimize(
         _fail("--prune-heads and --prune-neurons are fractions in [0, 1)", 2)
     if skip and skip <= 1.0:
         _fail(f"--skip {skip}: the skip ratio must be above 1 (e.g. 1.5 keeps 2/3 of blocks)", 2)
+    if recover is not None and recover not in ("lora", "full"):
+        _fail(f"--recover {recover!r}: use lora or full", 2)
+    for flag, steps_, on in (("repbn", repbn_steps, repbn), ("recover", recover_steps, recover)):
+        if steps_ is not None and not on:
+            _fail(f"--{flag}-steps needs --{flag}", 2)
+        if steps_ is not None and steps_ < 1:
+            _fail(f"--{flag}-steps {steps_}: give at least 1 step", 2)
     manual = bool(counts) or bool(prune_heads) or bool(prune_neurons) or bool(skip) or int8
+    manual = manual or fold_norm or repbn or bool(recover)
     if manual and target_speedup is not None:
         _fail("give either --target-speedup or manual pass flags, not both", 2)
     if not manual and target_speedup is None:
@@ -376,7 +432,20 @@ def optimize(
         steps = search_result.steps
     else:
         steps = manual_steps(
-            prep, counts, drop_mode, prune_heads, prune_neurons, gqa_mode, skip, int8, progress
+            prep,
+            counts,
+            drop_mode,
+            prune_heads,
+            prune_neurons,
+            gqa_mode,
+            skip,
+            int8,
+            progress,
+            fold_norm=fold_norm,
+            repbn=repbn,
+            repbn_steps=repbn_steps,
+            recover=recover,
+            recover_steps=recover_steps,
         )
     if dry_run:
         recipe = Recipe(model=str(loaded.source), shape=shape, passes=[s.to_entry() for s in steps])
