@@ -24,6 +24,7 @@ import contextlib
 import copy
 import datetime
 import io
+import math
 import os
 import platform
 import sys
@@ -62,6 +63,9 @@ from trimformer.passes.sparse_attention import (  # noqa: E402
 
 HEADS, HEAD_DIM, WINDOW, SINK = 8, 64, 256, 4
 LENGTHS = (2048, 8192, 16384)
+OBJ = ("loss", "mass")
+OBJ_NAME = {"around": "loss@uniform", "loss": "loss@dense", "mass": "mass"}
+FLOOR = 0.97  # a plan's density is within [FLOOR, 1] x the uniform window's at every length
 ORT_DENSE_MAX = 8192  # the exported dense SDPA materializes H*N^2 fp32 scores (8.6 GB at 16k)
 
 
@@ -218,36 +222,62 @@ def bench_model(threads: int, seq: int, budgets: tuple[float, ...] = (0.25, 0.5)
     ref = quality.reference_outputs(gm, held)
     base = quality.evaluate(loaded.kind, gm, held, ref)
     lengths = [seq // 2, seq]
-    scores = score(gm, structure, ctx, sink=SINK, lengths=lengths)
+    scores = {o: score(gm, structure, ctx, sink=SINK, lengths=lengths, objective=o) for o in OBJ}
     print(f"\ncalibrated in {time.perf_counter() - t0:.0f} s (capture + scoring)", file=sys.stderr)
 
     variants: dict[str, tuple[SparseAttentionConfig, dict]] = {}
-    cands = [tuple(c) for c in scores["candidates"]]
+    cands = [tuple(c) for c in scores["mass"]["candidates"]]
     for budget in budgets:
-        uni = uniform_choice(scores, [budget] * len(lengths))
+        # The uniform baseline: the single window that fills the budget best.
+        uni = uniform_choice(scores["mass"], [budget] * len(lengths))
         if uni is None:
             continue
-        c, _ = uni
+        c, lost = uni
         alpha, beta = cands[c]
-        matched = [float(d[c]) for d in scores["density"]]  # the uniform window's density
+        matched = [float(d[c]) for d in scores["mass"]["density"]]  # its density per length
+        # The loss expanded at the uniform-window model: costs are changes relative to it.
+        scores["around"] = score(
+            gm,
+            structure,
+            ctx,
+            sink=SINK,
+            lengths=lengths,
+            objective="loss",
+            around=(alpha, beta),
+        )
+        heads = sum(scores["mass"]["heads"].values())
         variants[f"uniform w={alpha:g}+{beta:g}N"] = (
             SparseAttentionConfig(sink=SINK, alpha=alpha, beta=beta),
-            {"density": matched, "lost": uni[1] / sum(scores["heads"].values())},
+            {"density": matched, "lost": lost / heads, "cost": 0.0},
         )
+        # Equal density: the plan may spend between FLOOR and 1 x the uniform window's density.
         # K = 1: one window per layer (no head groups in the op); K = 2: MoA's per-head limit.
-        for k, label in ((1, "per-layer"), (2, "per-head")):
+        for objective, k, label in (
+            ("around", 1, "per-layer"),
+            ("around", 2, "per-head"),
+            ("loss", 2, "per-head"),
+            ("mass", 2, "per-head"),
+        ):
             config, report = plan(
                 gm,
                 structure,
                 ctx,
                 density=matched,
                 sink=SINK,
-                scores=scores,
+                scores=scores[objective],
                 max_windows_per_layer=k,
+                floor=FLOOR,
             )
-            variants[f"{label} (milp, K={k}) @ {matched[-1]:.2f}"] = (
+            # the plan's loss change relative to the uniform window, estimated at the uniform
+            # model, whatever objective chose it
+            est = sum(
+                float(np.asarray(scores["around"]["loss"][b])[h, :, cands.index(tuple(w))].mean())
+                for b, ws in config.heads.items()
+                for h, w in enumerate(ws)
+            )
+            variants[f"{label} (K={k}, {OBJ_NAME[objective]}) @ {matched[-1]:.2f}"] = (
                 config,
-                {"density": report["plan"]["density"], "lost": report["plan"]["lost"]},
+                {"density": report["plan"]["density"], "lost": report["plan"]["lost"], "cost": est},
             )
 
     sample = {k: v[:1] for k, v in held[0].inputs.items()}  # 1 x seq, a full row
@@ -274,6 +304,7 @@ def bench_model(threads: int, seq: int, budgets: tuple[float, ...] = (0.25, 0.5)
             "dense (original)",
             "1.00 / 1.00",
             "0",
+            "0",
             f"{base_ppl:.2f}",
             "-",
             "0",
@@ -287,8 +318,9 @@ def bench_model(threads: int, seq: int, budgets: tuple[float, ...] = (0.25, 0.5)
         rows.append(
             [
                 name,
-                " / ".join(f"{d:.2f}" for d in info["density"]),
+                " / ".join(f"{d:.3f}" for d in info["density"]),
                 f"{info['lost']:.3f}",
+                f"{100 * (math.exp(info['cost']) - 1):+.1f}%",
                 f"{ppl:.2f}",
                 f"{100 * (ppl / base_ppl - 1):+.1f}%",
                 f"{res.metrics['kl']:.4f}",
@@ -300,13 +332,17 @@ def bench_model(threads: int, seq: int, budgets: tuple[float, ...] = (0.25, 0.5)
     print(
         f"\n(b) {path.name} (Llama, 6 blocks x 8 heads, head dim 32), torch CPU, {threads} "
         f"threads, latency at 1x{seq}; quality on held-out Python docs ({len(held)} batches of "
-        f"2x{seq}); calibration: kept attention mass at N = {lengths} on {len(calib)} batches "
-        f"of 2x{seq}; sink {SINK}; density = pairs kept / causal pairs at N = {lengths}\n"
+        f"2x{seq}); calibration at N = {lengths} on {len(calib)} batches of 2x{seq} "
+        "(objectives: 'loss@uniform' / 'loss@dense': first-order next-token loss change "
+        "expanded at the uniform-window / dense model, 'mass': lost attention mass); "
+        f"sink {SINK}; density = pairs kept / causal pairs at N = {lengths}; plans within "
+        f"[{FLOOR}, 1] x the uniform window's density\n"
     )
     head = [
         "attention",
         f"density @{lengths[0]} / @{lengths[1]}",
         "lost mass",
+        "est. vs uniform",
         "perplexity",
         "change",
         "KL",
@@ -328,6 +364,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("op", "model", "all"), default="all")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--seq", type=int, nargs="+", default=[1024, 256], help="model part: sequence lengths"
+    )
     args = ap.parse_args()
     np.random.seed(0)
     torch.manual_seed(0)
@@ -335,8 +374,8 @@ def main() -> None:
     if args.part in ("op", "all"):
         bench_op(args.threads)
     if args.part in ("model", "all"):
-        bench_model(args.threads, 1024)  # the full context
-        bench_model(args.threads, 256)  # the length the sample was trained at
+        for seq in args.seq:  # 1024: the full context; 256: the length the sample was trained at
+            bench_model(args.threads, seq)
 
 
 if __name__ == "__main__":

@@ -460,7 +460,7 @@ def test_milp_plan_beats_uniform_window_at_equal_density(llama: Tiny) -> None:
         min_window=4,
     )
     assert report["uniform"] is not None
-    assert report["plan"]["lost"] < report["uniform"]["lost"]
+    assert report["plan"]["cost"] < report["uniform"]["cost"]
     assert all(d <= 0.5 + 1e-9 for d in report["plan"]["density"])
     assert all(len(config.heads[b]) == HEADS for b in range(LAYERS))
     for pairs in config.heads.values():  # at most 2 distinct windows per layer (MoA's limit)
@@ -469,3 +469,74 @@ def test_milp_plan_beats_uniform_window_at_equal_density(llama: Tiny) -> None:
     gm = llama.fresh()
     changes = sparsify_attention(gm, discover(gm), config, llama.ctx())
     assert changes["attention_rewritten"] == LAYERS
+
+
+# ----------------------------------------------------------------------------- cost model, .pt2
+
+
+def test_cost_model_prediction_falls_when_the_window_shrinks(tmp_path) -> None:
+    from trimformer.cost_model.predict import CostModel, Plan, node_costs
+    from trimformer.cost_model.profile import DeviceProfile
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=2048,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    loaded = Loaded(
+        module=TextModel(model, "causal-lm").eval(),  # type: ignore[arg-type]
+        kind="causal-lm",
+        source=Path("<tiny llama 2048>"),
+        config=cfg,
+        max_seq=2048,
+        vocab_size=VOCAB,
+    )
+    gm = capture(loaded, _ids(2, 16, seed=0))
+    at = _ids(1, 2048, seed=1)
+    profile = DeviceProfile("torch", 1, tmp_path / "profile.json")
+    predicted = {}
+    for label, windows in (("wide", [(512.0, 0.0)] * 4), ("narrow", [(32.0, 0.0)] * 4)):
+        g = copy.deepcopy(gm)
+        config = SparseAttentionConfig(sink=4, heads={0: windows})
+        sparsify_attention(g, discover(g), config, Context(kind="causal-lm", batches=[at]))
+        costs = node_costs(g, discover(g), at)
+        local = [c for c in costs if c.kind == "local"]
+        assert len(local) == 1 and local[0].groups == ((4, int(windows[0][0])),)
+        assert local[0].owner == (0, "attention")
+        predicted[label] = CostModel(costs, profile).predict(Plan())
+    assert predicted["narrow"] < predicted["wide"]
+    assert any(k.startswith("local:1:4:2048:16:32:4:1") for k in profile.entries)
+
+
+def test_pt2_holding_the_op_loads_with_trimformers_loader_in_a_fresh_process(tmp_path) -> None:
+    from trimformer.export.pt2 import save_pt2
+
+    class Local(torch.nn.Module):
+        def forward(self, q, k, v):
+            return LOCAL_ATTENTION(q, k, v, None, 2, [8.0], [0.0], True, None)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=g) for _ in range(3))
+    save_pt2(torch.export.export(Local(), (q, k, v)), tmp_path / "local.pt2")
+    torch.save((q, k, v), tmp_path / "qkv.pt")
+    # A fresh interpreter that imports only the loader (not trimformer.kernels itself).
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        from trimformer.export.pt2 import load_pt2
+        program = load_pt2(sys.argv[1])
+        q, k, v = torch.load(sys.argv[2])
+        torch.save(program.module()(q, k, v), sys.argv[3])
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    args = [tmp_path / "local.pt2", tmp_path / "qkv.pt", tmp_path / "out.pt"]
+    subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=root, check=True)
+    want = local_attention_reference(q, k, v, None, 2, [8.0], [0.0], True)
+    assert (torch.load(tmp_path / "out.pt") - want).abs().max() <= TOL

@@ -4,6 +4,8 @@ Per node, from its shapes at the user's input shape and the device profile:
 
     linear / addmm       profile "linear:M:K:N"
     attention (SDPA)     profile "sdpa:B:H:S:T:D"
+    local attention      profile "local:B:H:N:D:W:S:C" per group of heads sharing window W at
+                         N (trimformer::local_attention: sink S, causal C; work ~ N * (W + S))
     everything else      profile "eltwise:<numel rounded to a power of two>" (+ a per-node cost)
 
 A `Plan` says, per block, whether the attention / MLP sub-layer is dropped and what fraction of
@@ -33,6 +35,7 @@ from trimformer.graph import ops
 from trimformer.graph.flops import _val_shapes
 from trimformer.graph.rewrite import args_of, is_op
 from trimformer.graph.structure import Attention, Structure, SubLayer
+from trimformer.kernels.local_attention import head_groups, window_size
 
 Role = Literal["q", "k", "v", "qkv", "o", "up", "gate", "down", "core", "other"]
 
@@ -56,10 +59,12 @@ class Plan:
 
 @dataclass(frozen=True)
 class NodeCost:
-    kind: Literal["linear", "sdpa", "other"]
-    dims: tuple[int, ...]  # linear (M, K, N); sdpa (B, H, S, T, D); other (numel,)
+    kind: Literal["linear", "sdpa", "local", "other"]
+    # linear (M, K, N); sdpa (B, H, S, T, D); local (B, H, N, D, sink, causal); other (numel,)
+    dims: tuple[int, ...]
     owner: tuple[int, str] | None  # (block index, "attention" | "mlp")
     role: Role
+    groups: tuple[tuple[int, int], ...] = ()  # local: (heads, window at N) per head group
 
 
 def branch_nodes(gm: fx.GraphModule, s: SubLayer) -> set[fx.Node]:
@@ -123,6 +128,15 @@ def node_costs(
             a = args_of(n)
             q, kk = shapes[a["query"]], shapes[a["key"]]
             costs.append(NodeCost("sdpa", (*q[:3], kk[2], q[3]), owner.get(n), "core"))
+        elif is_op(n, ops.LOCAL_ATTENTION):
+            a = args_of(n)
+            b, h, length, d = shapes[a["query"]]
+            groups = tuple(
+                (len(heads), window_size(al, be, length))
+                for al, be, heads in head_groups(a["window_alpha"], a["window_beta"], h)
+            )
+            dims = (b, h, length, d, int(a["sink"]), int(bool(a["is_causal"])))
+            costs.append(NodeCost("local", dims, owner.get(n), "core", groups))
         elif out and math.prod(out) > 0 and not is_op(n, ops.SHAPE):
             costs.append(NodeCost("other", (math.prod(out),), owner.get(n), "other"))
     return costs
@@ -170,6 +184,11 @@ class CostModel:
                 b, h, s, t, d = c.dims
                 h = max(1, int(round(h * f)))
                 mm += self.profile.time(f"sdpa:{b}:{h}:{s}:{t}:{d}")
+            elif c.kind == "local":
+                b, _, length, d, sink, causal = c.dims
+                for heads, w in c.groups:
+                    hg = max(1, int(round(heads * f)))
+                    mm += self.profile.time(f"local:{b}:{hg}:{length}:{d}:{w}:{sink}:{causal}")
             else:
                 numel = int(c.dims[0] * f)
                 other += self.profile.time(f"eltwise:{_pow2(numel)}")

@@ -5,6 +5,9 @@ Each entry is the median time in ms of one op at one concrete shape:
 
     linear:M:K:N          y[M,N] = x[M,K] @ W[K,N] + b
     sdpa:B:H:S:T:D        softmax(q k^T / sqrt(D) + mask) v with q[B,H,S,D], k/v[B,H,T,D]
+    local:B:H:N:D:W:S:C   trimformer::local_attention over q/k/v[B,H,N,D], window W (at N),
+                          S sinks, causal C (0/1); torch times the op (the chunked PyTorch form
+                          on CPU), onnxruntime its exported ONNX form
     eltwise:N             one elementwise op over N elements (N a power of two), per-op overhead
                           included: what every other node costs
 
@@ -120,6 +123,15 @@ class DeviceProfile:
                 mask = torch.ones(bb, 1, s, t, dtype=torch.bool)
                 f = torch.nn.functional.scaled_dot_product_attention
                 return _median_ms(lambda: f(q, k, v, attn_mask=mask))
+            if kind == "local":
+                from trimformer.kernels import LOCAL_ATTENTION
+
+                bb, h, n, dd, w, sink, causal = d
+                q, k, v = (torch.randn(bb, h, n, dd, generator=g) for _ in range(3))
+                win = [float(w)]
+                return _median_ms(
+                    lambda: LOCAL_ATTENTION(q, k, v, None, sink, win, [0.0], bool(causal), None)
+                )
             if kind == "eltwise":
                 x = torch.randn(d[0], generator=g)
                 return _median_ms(lambda: x * 1.0001)
@@ -185,6 +197,8 @@ class DeviceProfile:
                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [numel])],
                 [scale],
             )
+        elif kind == "local":
+            return self._ort_local(d)
         else:
             raise ValueError(f"unknown op kind {kind!r}")
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -198,3 +212,43 @@ class DeviceProfile:
             providers=["CPUExecutionProvider"],
         )
         return _median_ms(lambda: sess.run(None, inputs))
+
+    def _ort_local(self, d: list[int]) -> float:
+        """trimformer::local_attention's ONNX form (kernels.local_attention_onnx), exported
+        from a one-op module, timed in onnxruntime."""
+        import contextlib
+        import io
+        import tempfile
+        import warnings
+
+        import onnxruntime as ort
+
+        from trimformer.kernels import LOCAL_ATTENTION, onnx_translation_table
+
+        bb, h, n, dd, w, sink, causal = d
+
+        class _Local(torch.nn.Module):
+            def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return LOCAL_ATTENTION(q, k, v, None, sink, [float(w)], [0.0], bool(causal), None)
+
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(bb, h, n, dd, generator=g) for _ in range(3))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "local.onnx"
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    _Local(),
+                    (q, k, v),
+                    path,
+                    dynamo=True,
+                    custom_translation_table=onnx_translation_table(),
+                )
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        feeds = dict(zip(names, (t.numpy() for t in (q, k, v)), strict=True))
+        return _median_ms(lambda: sess.run(None, feeds))

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import trimformer.kernels  # noqa: F401  registers trimformer's custom ops, which programs may hold
 from trimformer.errors import TrimformerError
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,9 @@ def export_program(
 def save_pt2(
     program: torch.export.ExportedProgram, path: Path, extra_files: dict[str, str] | None = None
 ) -> None:
-    """Write `program` to `path` (parents created); the file needs only torch to run.
+    """Write `program` to `path` (parents created); the file needs only torch to run, plus
+    `import trimformer.kernels` before `torch.export.load` when the program holds trimformer's
+    custom ops (sparse-attention's `trimformer::local_attention`).
 
     `extra_files` are small text entries stored in the archive (trimformer's metadata).
     """

@@ -191,10 +191,12 @@ def chunk_size(window: int) -> int:
     """Query chunk length C for window w.
 
     A chunk scores C * (C + w - 1) pairs of which about C * w are in its band (causal), so small
-    chunks waste less; below ~16-32 rows the kernel's per-chunk overhead wins. C ~ w / 4, within
-    [16, 64], was the fastest on a 2-core CPU (benchmarks/bench_sparse_attention.py).
+    chunks waste less: C = w / 8 wastes 1/8. CPU SDPA splits queries into blocks of 32 rows (of
+    64 from 192 rows on), so below 32 rows each block's matmuls get thin and the per-block
+    overhead wins. C ~ w / 8 within [16, 64] was the fastest at w = 256 on a 2-core CPU (8k
+    tokens, 1 thread: C = 16 / 32 / 64 took 93 / 88 / 94 ms; benchmarks/bench_sparse_attention.py).
     """
-    return int(min(64, max(16, 2 ** round(math.log2(max(window, 1) / 4)))))
+    return int(min(64, max(16, 2 ** round(math.log2(max(window, 1) / 8)))))
 
 
 def local_attention_chunked(
@@ -223,12 +225,9 @@ def local_attention_chunked(
         bias  (1 | nb, 1 | Hm, C, C + left + right): 0 (or the mask's value) in the band, -inf off
         SDPA (with log-sum-exp)            -> (nb, H, C, Dv), lse (nb, H, C)
 
-    Every body row may see all s sinks (they lie before its band); a second SDPA over the sink
-    keys (an expanded view, (nb, H, s, D)) gives out_sink and lse_sink, merged by log-sum-exp:
-
-        out = lerp(out_sink, out_window, sigmoid(lse_window - lse_sink))
-
-    which is softmax over the union (FlashAttention's rescaling, Dao et al. 2022). The SDPA that
+    Every body row may see all s sinks (they lie before its band); one batched matmul scores the
+    few sink keys, and `_merge_sinks` merges them with the band by log-sum-exp, which is softmax
+    over the union (FlashAttention's rescaling, Dao et al. 2022). The SDPA that
     returns the log-sum-exp is ATen's `_scaled_dot_product_flash_attention_for_cpu` (the kernel
     behind CPU SDPA; private, so pinned torch versions matter). The first and last few chunks
     (span reaching before the sinks or past the end) and short sequences are computed exactly by
@@ -421,11 +420,7 @@ def _body(
         if s == 0:
             dest.copy_(ow)
             return
-        # Every body row may see all s sinks (they lie before its band): one more small SDPA.
-        ks, vs = (t[bi : bi + 1, :, :s].expand(nb, h, s, t.shape[-1]) for t in (k, v))
-        os_, ls = flash(qb, ks, vs, scale=scale)
-        # softmax over the union: weight of the window part exp(lw) / (exp(lw) + exp(ls))
-        torch.lerp(os_, ow, torch.sigmoid(lw - ls).unsqueeze(-1).to(ow.dtype), out=dest)
+        _merge_sinks(q[bi, :, r0:r1], k[bi, :, :s], v[bi, :, :s], None, scale, ow, lw, dest)
         return
 
     m = mask[bi if mask.shape[0] > 1 else 0].expand(mask.shape[1], n, n)
@@ -441,11 +436,43 @@ def _body(
         return
     # The kernel reports lse 0 for a row that saw nothing; make it -inf so it weighs nothing.
     lw = lw.masked_fill(~seen, -math.inf)
-    gs = m[:, r0:r1, :s].unflatten(1, (nb, c)).transpose(0, 1)  # (nb, Hm, C, s)
-    sink_bias, sink_seen = _mask_bias(gs, None, q.dtype)
-    ks, vs = (t[bi : bi + 1, :, :s].expand(nb, h, s, t.shape[-1]) for t in (k, v))
-    os_, ls = flash(qb, ks, vs, attn_mask=sink_bias, scale=scale)
-    ls = ls.masked_fill(~sink_seen, -math.inf)
+    _merge_sinks(q[bi, :, r0:r1], k[bi, :, :s], v[bi, :, :s], m[:, r0:r1, :s], scale, ow, lw, dest)
+
+
+def _merge_sinks(
+    q: Tensor,
+    ks: Tensor,
+    vs: Tensor,
+    g: Tensor | None,
+    scale: float,
+    ow: Tensor,
+    lw: Tensor,
+    dest: Tensor,
+) -> None:
+    """Add the s sink keys to body rows that already attended their band.
+
+    q (H, R, D) are the body rows, ks / vs (H, s, D) the sinks, g (Hm, R, s) the mask there or
+    None; ow (nb, H, C, Dv) and lw (nb, H, C) the band's output and log-sum-exp (R = nb * C).
+    With s a handful of keys, one batched matmul scores them (a flash call would cost a kernel
+    launch per row block for 4 keys); the union's softmax is a log-sum-exp merge:
+
+        out = lerp(out_sink, out_band, sigmoid(lse_band - lse_sink))
+
+    (FlashAttention's rescaling, Dao et al. 2022). Writes `dest` (nb, H, C, Dv).
+    """
+    nb, h, c, _ = ow.shape
+    scores = torch.matmul(q, ks.transpose(-1, -2)).mul_(scale)  # (H, R, s)
+    if g is not None:
+        if g.dtype == torch.bool:
+            scores = scores.masked_fill(~g, -math.inf)
+        else:
+            scores = scores + g.to(scores.dtype)
+    ls = torch.logsumexp(scores, dim=-1)  # (H, R); -inf where no sink is seen
+    p = torch.exp(scores - ls.unsqueeze(-1)).nan_to_num_(0.0)
+    os_ = torch.matmul(p, vs)  # (H, R, Dv)
+    # (H, R, .) -> (nb, H, C, .), the layout of the band's results
+    os_ = os_.unflatten(1, (nb, c)).transpose(0, 1)
+    ls = ls.unflatten(1, (nb, c)).transpose(0, 1)
     share = torch.sigmoid(lw - ls).nan_to_num_(0.0)  # NaN: neither part saw anything -> 0
     torch.lerp(os_, ow, share.unsqueeze(-1).to(ow.dtype), out=dest)
 

@@ -38,15 +38,15 @@ pairs dense attention computes (the causal triangle, or the square), exactly, at
                x, y in {0, 1}
 
 K (MoA uses 2) bounds how many head groups the op runs per layer. The uniform baseline is the
-single candidate with the least loss whose density fits the budget at every length; it is a
-feasible point of the program, so the plan never loses more mass than it.
+single candidate that fills the budget best (`uniform_choice`); with the budget set to its
+density it is a feasible point of the program, so the plan's estimated cost is never higher.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -59,16 +59,18 @@ from trimformer.graph.structure import Attention, Structure
 from trimformer.kernels.local_attention import (
     LOCAL_ATTENTION,
     dense_pairs,
+    local_pattern,
     pattern_pairs,
     window_size,
 )
 from trimformer.passes.base import Context, PassConfig, PassSpec
 
 Window = tuple[float, float]  # (alpha, beta): w(N) = clamp(floor(alpha + beta * N), 1, N)
+Objective = Literal["auto", "loss", "mass"]
 
 # MoA's search grid, scaled to sequences of a few thousand tokens: offsets and length shares.
 DEFAULT_ALPHAS = (0.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
-DEFAULT_BETAS = (0.0, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1.0)
+DEFAULT_BETAS = (0.0, 1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 3 / 4, 1.0)
 
 
 class SparseAttentionConfig(PassConfig):
@@ -220,9 +222,16 @@ def _cores(structure: Structure) -> list[tuple[int, Attention]]:
 
 
 def _probabilities(
-    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float | None,
+    pattern: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(scale q k^T + mask) as SDPA computes it, (B, H, N, N), fp32; 0 on empty rows."""
+    """softmax(scale q k^T + mask) as SDPA computes it, (B, H, N, N), fp32; 0 on empty rows.
+
+    `pattern` (N, N) bool, if given, is a local pattern applied on top (the local op's math)."""
     q, k = q.float(), k.float()
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -233,40 +242,146 @@ def _probabilities(
         s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.float()
     elif causal:
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
-    return torch.softmax(s, dim=-1).nan_to_num_(0.0)
+    if pattern is not None:
+        s = s.masked_fill(~pattern, -math.inf)
+    return torch.softmax(s, dim=-1).nan_to_num(0.0)
+
+
+def _row_sums(x: torch.Tensor, windows: list[int], sink: int, causal: bool) -> torch.Tensor:
+    """Per query row, the sum of x[i, j] over the keys j each window's pattern keeps.
+
+    x (B, H, N, N) -> (B, H, N, len(windows)), in float64. With X(i, d) = x[i, i - d] the row's
+    band sum for window w is sum_{d < w} X(i, d) (a cumulative sum over the distance d); each
+    sink column t adds x[i, t] on the rows whose band misses it (i >= t + w, or i <= t - w when
+    bidirectional).
+    """
+    b, h, n, _ = x.shape
+    x = x.double()
+    i = torch.arange(n).view(n, 1)
+    d = torch.arange(n).view(1, n)
+    back = (i - d).clamp(min=0).expand(b, h, n, n)  # x[i, i - d]
+    by_dist = x.gather(3, back) * (i >= d)
+    if not causal:
+        fwd = (i + d).clamp(max=n - 1).expand(b, h, n, n)  # x[i, i + d], d > 0
+        by_dist = by_dist + x.gather(3, fwd) * (((i + d) < n) & (d > 0))
+    w = torch.tensor(windows, dtype=torch.int64)
+    sums = torch.cumsum(by_dist, dim=3)[..., w - 1]  # (B, H, N, C)
+    ww = w.view(1, -1)
+    for t in range(min(sink, n)):
+        missed = i >= t + ww
+        if not causal:
+            missed = missed | (i <= t - ww)
+        sums = sums + x[..., t : t + 1] * missed
+    return sums
 
 
 def _kept_mass(
     p: torch.Tensor, rows: torch.Tensor, windows: list[int], sink: int, causal: bool
 ) -> torch.Tensor:
-    """Mass kept per head for each window: (H, len(windows)), summed over the real rows.
+    """Mass kept per head for each window: (H, len(windows)), summed over the real rows."""
+    b, _, n, _ = p.shape
+    kept = _row_sums(p, windows, sink, causal)  # (B, H, N, C)
+    return (kept * rows.view(b, 1, n, 1).double()).sum(dim=(0, 2))
 
-    With M(d) the mass at distance d = |i - j| (summed over rows), the band keeps
-    sum_{d < w} M(d); each sink column t adds its mass on the rows whose band misses it.
+
+def _loss_change(
+    p: torch.Tensor,
+    grad_p: torch.Tensor,
+    rows: torch.Tensor,
+    windows: list[int],
+    sink: int,
+    causal: bool,
+    around: int | None = None,
+) -> torch.Tensor:
+    """First-order change of the loss per head for each window: (H, len(windows)).
+
+    Keeping only the pattern P(i) of row i renormalizes it: A'[i, j] = A[i, j] / K_i on P(i)
+    (K_i = sum_{j in P(i)} A[i, j]) and 0 elsewhere. With G = dL/dA, to first order
+
+        dL ~ sum_i sum_j G[i, j] (A'[i, j] - A[i, j])
+           = sum_i ( sum_{j in P(i)} G[i, j] A[i, j] / K_i  -  sum_j G[i, j] A[i, j] )
+
+    MoA (Fu et al. 2024, section 4) estimates the same first-order change from dL/dA, entry by
+    entry, and sums absolute values; here the whole pattern is taken at once and the sign is
+    kept, so a window that cuts attention the loss is better without counts as a gain.
+
+    With `around` = w0, the expansion point is the model with every head at window w0 (G taken
+    there, p still the dense probabilities): the change is from A_w0 to A_w, i.e. the term
+    sum_j G A on the right is the pattern-w0 row sum. Linearizing at the baseline a plan must
+    beat is more accurate for windows near it than linearizing at dense attention.
     """
-    b, h, n, _ = p.shape
-    p = p * rows.view(b, 1, n, 1)  # pad rows weigh nothing
-    i = torch.arange(n).view(n, 1)
-    d = torch.arange(n).view(1, n)
-    back = (i - d).clamp(min=0).expand(b, h, n, n)  # A[i, i - d]
-    by_dist = (p.gather(3, back) * (i >= d)).sum(dim=(0, 2))  # (H, N)
-    if not causal:
-        fwd = (i + d).clamp(max=n - 1).expand(b, h, n, n)  # A[i, i + d], d > 0
-        by_dist = by_dist + (p.gather(3, fwd) * ((i + d) < n) * (d > 0)).sum(dim=(0, 2))
-    band = torch.cumsum(by_dist, dim=1).double()  # (H, N): mass within distance < w at w - 1
-    w = torch.tensor(windows, dtype=torch.int64)
-    kept = band[:, w - 1]  # (H, C)
-    s = min(sink, n)
-    col = p[..., :s].sum(0).double()  # (H, N rows, s)
-    below = torch.flip(torch.cumsum(torch.flip(col, [1]), 1), [1])  # mass on rows >= r
-    above = torch.cumsum(col, 1)  # mass on rows <= r
-    for t in range(s):
-        start = t + w  # rows i >= t + w miss sink t in their band
-        kept += below[:, start.clamp(max=n - 1), t] * (start < n)
-        if not causal:  # and rows i <= t - w
-            stop = t - w
-            kept += above[:, stop.clamp(min=0), t] * (stop >= 0)
-    return kept
+    b, _, n, _ = p.shape
+    ga = grad_p.double() * p.double()
+    kept = _row_sums(p, windows, sink, causal)  # (B, H, N, C)
+    kept_ga = _row_sums(ga, windows, sink, causal)
+    if around is None:
+        base = ga.sum(-1, keepdim=True)  # (B, H, N, 1)
+    else:
+        k0 = _row_sums(p, [around], sink, causal)
+        base = _row_sums(ga, [around], sink, causal) / k0.clamp(min=1e-300)
+    change = torch.where(kept > 0, kept_ga / kept.clamp(min=1e-300) - base, 0.0)
+    return (change * rows.view(b, 1, n, 1).double()).sum(dim=(0, 2))
+
+
+def _grad_probe(
+    gm: fx.GraphModule,
+    cores: list[tuple[int, Attention]],
+    causal: dict[int, bool],
+    sink: int,
+    around: Window | None,
+) -> tuple[fx.GraphModule, dict[int, tuple[torch.Tensor, ...]]]:
+    """A GraphModule sharing gm's weights whose attention outputs can be differentiated.
+
+    After each core (block bi) it adds a zero leaf z (requires_grad) to the core's output, and
+    records (z, q, k, v, mask); dL/dz is then dL/d(attention output) through every path:
+
+        q, k, v, mask -> sdpa -> out                 before
+        q, k, v, mask -> sdpa -> out + z -> ...      after (z = 0, so values are unchanged)
+
+    With `around` = (alpha, beta) every core's output is replaced by local attention at that
+    window (the op's math, computed densely so autograd sees it), so gradients are taken at the
+    uniform-window model instead of the dense one.
+    """
+    saved: dict[int, tuple[torch.Tensor, ...]] = {}
+    scales = {bi: args_of(att.core).get("scale") for bi, att in cores}
+
+    def grab(bi: int, out: torch.Tensor, q, k, v, mask):  # type: ignore[no-untyped-def]
+        if around is not None:
+            n = q.shape[-2]
+            pattern = local_pattern(n, window_size(*around, n), sink, causal[bi], q.device)
+            p = _probabilities(q, k, mask, causal[bi], scales[bi], pattern)
+            rep = q.shape[1] // v.shape[1]
+            vv = v if rep == 1 else v.repeat_interleave(rep, dim=1)
+            out = (p @ vv.float()).to(out.dtype)
+        z = torch.zeros_like(out, requires_grad=True)
+        saved[bi] = (z, q.detach(), k.detach(), v.detach(), mask)
+        return out + z
+
+    by_core = {att.core: bi for bi, att in cores}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        new = graph.node_copy(node, lambda x: env[x])
+        if node in by_core:
+            a = args_of(node)
+            operands = tuple(env[a[x]] for x in ("query", "key", "value"))
+            mask = env[a["attn_mask"]] if a.get("attn_mask") is not None else None
+            new = graph.call_function(grab, (by_core[node], new, *operands, mask))
+        env[node] = new
+    probe = fx.GraphModule(gm, graph)
+    probe.recompile()
+    return probe, saved
+
+
+def _next_token_loss(logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of logits at t against the token at t + 1, real positions only."""
+    if isinstance(logits, (tuple, list)):  # a graph's outputs come as a sequence of one
+        logits = logits[0]
+    ids = inputs["input_ids"]
+    real = inputs.get("attention_mask")
+    real = torch.ones_like(ids, dtype=torch.bool) if real is None else real.bool()
+    valid = real[:, :-1] & real[:, 1:]
+    return torch.nn.functional.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid])
 
 
 def default_candidates() -> list[Window]:
@@ -282,22 +397,43 @@ def score(
     lengths: Sequence[int] | None = None,
     candidates: Sequence[Window] | None = None,
     min_window: int = 16,
+    objective: Objective = "auto",
+    around: Window | None = None,
+    trust: float | None = None,
 ) -> dict[str, Any]:
-    """Kept attention mass of every head for every candidate window, at each length.
+    """Kept attention mass, and the first-order loss change, of every head for every candidate
+    window, at each length.
 
     Lengths default to the calibration batches' length N and N // 2 (batches are cropped to
     shorter lengths). Candidates whose window is under `min_window` tokens at the shortest
     length are left out (MoA floors every span at 128 tokens): kept mass cannot see that a head
     which puts its mass on the sinks and itself still needs the rest.
 
-    Returns {"lengths", "candidates", "sink", "causal", "blocks", "heads",
-    "kept": {block: [head][length][candidate]}, "density": [length][candidate]}.
+    `objective` is what `plan` minimizes: "loss" (the first-order change of the next-token loss,
+    `_loss_change`; causal LMs only, one backward pass per batch and length), "mass" (the
+    attention mass lost; forward only), or "auto" ("loss" for causal LMs, else "mass").
+    `around` = (alpha, beta) takes the loss expansion at the model with that uniform window
+    instead of at dense attention (`_loss_change`); costs are then changes relative to it.
+    `trust` (with `around`) keeps only candidates whose window is within [w0 / trust,
+    w0 * trust] of the expansion point's w0 at every length: a first-order estimate is only
+    trustworthy near the point it was taken at (a trust region).
+
+    Returns {"lengths", "candidates", "sink", "causal", "blocks", "heads", "objective",
+    "kept": {block: [head][length][candidate]}, "loss": same shape or None (objective "mass"),
+    "density": [length][candidate]}.
     """
     if not ctx.batches:
         raise PassError("sparse-attention: scoring needs calibration batches (ctx.batches)")
     cores = _cores(structure)
     if not cores:
         raise PassError("sparse-attention: the graph has no SDPA attention core to score")
+    if objective == "auto":
+        objective = "loss" if ctx.kind == "causal-lm" else "mass"
+    if objective == "loss" and ctx.kind != "causal-lm":
+        raise PassError(
+            f"sparse-attention: objective 'loss' needs a causal LM (next-token loss); this "
+            f"model is {ctx.kind!r}: use objective 'mass'"
+        )
     full = int(ctx.batches[0]["input_ids"].shape[1])
     lengths = sorted({int(x) for x in (lengths or (full, full // 2)) if 2 <= int(x) <= full})
     if not lengths:
@@ -308,46 +444,85 @@ def score(
         for c in (candidates or default_candidates())
         if window_size(c[0], c[1], shortest) >= min(min_window, shortest)
     ]
+    if around is not None and trust is not None:
+        cands = [
+            c
+            for c in cands
+            if all(
+                window_size(*around, n) / trust
+                <= window_size(c[0], c[1], n)
+                <= window_size(*around, n) * trust
+                for n in lengths
+            )
+        ]
     if not cands:
         raise PassError(
             f"sparse-attention: no candidate window reaches min_window={min_window} tokens at "
-            f"N = {shortest}; lower min_window or pass larger candidates"
+            f"N = {shortest} (within the trust region, if one is given); lower min_window, "
+            "widen trust or pass more candidates"
         )
     causal = {bi: bool(att.causal or args_of(att.core).get("is_causal")) for bi, att in cores}
-    nodes: list[fx.Node] = []
-    for _, att in cores:
-        a = args_of(att.core)
-        nodes += [a["query"], a["key"]] + ([a["attn_mask"]] if a.get("attn_mask") else [])
-    probe = tap(gm, list(dict.fromkeys(nodes)))
-    where = {node: i for i, node in enumerate(dict.fromkeys(nodes))}
+    if objective == "loss":
+        grad_probe, saved = _grad_probe(gm, cores, causal, sink, around)
+    else:
+        nodes: list[fx.Node] = []
+        for _, att in cores:
+            a = args_of(att.core)
+            nodes += [a["query"], a["key"]] + ([a["attn_mask"]] if a.get("attn_mask") else [])
+        probe = tap(gm, list(dict.fromkeys(nodes)))
+        where = {node: i for i, node in enumerate(dict.fromkeys(nodes))}
 
-    kept = {
-        bi: torch.zeros(att.num_heads, len(lengths), len(cands), dtype=torch.float64)
-        for bi, att in cores
-    }
+    def shape() -> dict[int, torch.Tensor]:
+        return {
+            bi: torch.zeros(att.num_heads, len(lengths), len(cands), dtype=torch.float64)
+            for bi, att in cores
+        }
+
+    kept, loss = shape(), shape()
     rows_total = torch.zeros(len(lengths), dtype=torch.float64)
-    with torch.no_grad():
-        for li, n in enumerate(lengths):
-            windows = [window_size(a, b, n) for a, b in cands]
-            for batch in ctx.batches:
-                if int(batch["input_ids"].shape[1]) < n:
-                    continue
-                inputs = _crop(batch, n)
-                vals = probe(**inputs)
-                am = inputs.get("attention_mask")
-                rows = am.float() if am is not None else torch.ones(inputs["input_ids"].shape)
-                rows_total[li] += float(rows.sum())
+    batches_seen = torch.zeros(len(lengths), dtype=torch.float64)
+    for li, n in enumerate(lengths):
+        windows = [window_size(a, b, n) for a, b in cands]
+        for batch in ctx.batches:
+            if int(batch["input_ids"].shape[1]) < n:
+                continue
+            inputs = _crop(batch, n)
+            am = inputs.get("attention_mask")
+            rows = am.float() if am is not None else torch.ones(inputs["input_ids"].shape)
+            rows_total[li] += float(rows.sum())
+            batches_seen[li] += 1
+            if objective == "loss":
+                with torch.enable_grad():
+                    saved.clear()
+                    logits = grad_probe(**inputs)
+                    leaves = [saved[bi][0] for bi, _ in cores]
+                    grads = torch.autograd.grad(_next_token_loss(logits, inputs), leaves)
+                operands = {
+                    bi: (*saved[bi][1:], g) for (bi, _), g in zip(cores, grads, strict=True)
+                }
+            else:
+                with torch.no_grad():
+                    vals = probe(**inputs)
+            with torch.no_grad():
                 for bi, att in cores:
                     a = args_of(att.core)
-                    mask = vals[where[a["attn_mask"]]] if a.get("attn_mask") else None
-                    p = _probabilities(
-                        vals[where[a["query"]]],
-                        vals[where[a["key"]]],
-                        mask,
-                        causal[bi],
-                        a.get("scale"),
-                    )
+                    if objective == "loss":
+                        q, k, v, mask, grad_out = operands[bi]
+                    else:
+                        q, k = vals[where[a["query"]]], vals[where[a["key"]]]
+                        mask = vals[where[a["attn_mask"]]] if a.get("attn_mask") else None
+                    p = _probabilities(q, k, mask, causal[bi], a.get("scale"))
                     kept[bi][:, li] += _kept_mass(p, rows, windows, sink, causal[bi])
+                    if objective == "loss":
+                        # dL/dA[i, j] = dL/dout[i] . v[j] (out = A v), per query head
+                        v = v.float()
+                        if v.shape[1] != q.shape[1]:
+                            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+                        grad_p = grad_out.float() @ v.transpose(-1, -2)
+                        w0 = None if around is None else window_size(*around, n)
+                        loss[bi][:, li] += _loss_change(
+                            p, grad_p, rows, windows, sink, causal[bi], w0
+                        )
     any_causal = next(iter(causal.values()))
     return {
         "lengths": lengths,
@@ -356,7 +531,15 @@ def score(
         "causal": any_causal,
         "blocks": [bi for bi, _ in cores],
         "heads": {bi: att.num_heads for bi, att in cores},
+        "objective": objective,
+        "around": None if around is None else list(around),
         "kept": {bi: (kept[bi] / rows_total.view(1, -1, 1)).tolist() for bi in kept},
+        # the loss is a mean per batch, so its change is averaged over batches
+        "loss": (
+            {bi: (loss[bi] / batches_seen.view(1, -1, 1)).tolist() for bi in loss}
+            if objective == "loss"
+            else None
+        ),
         "density": [
             [
                 pattern_pairs(n, window_size(a, b, n), sink, any_causal)
@@ -376,16 +559,25 @@ def _score_spec(gm: fx.GraphModule, structure: Structure, ctx: Context) -> dict[
 
 
 def uniform_choice(scores: dict[str, Any], budget: Sequence[float]) -> tuple[int, float] | None:
-    """(candidate index, total lost mass) of the best single window within `budget` per length."""
+    """(candidate index, total cost over heads) of the uniform baseline at `budget`: the single
+    window that spends the most of the budget (highest mean density over the lengths) while
+    fitting it at every length; ties go to the least cost (`_cost_matrix`).
+
+    It fills the budget rather than minimizing the cost: a loss estimate can favour windows far
+    below the budget (the sample's perplexity at 1024 tokens improves when attention is cut),
+    and the baseline must cost what the plan it is compared with costs.
+    """
     dens = np.asarray(scores["density"])  # (lengths, candidates)
-    lost = _lost_matrix(scores)  # (heads, candidates)
-    best = None
-    for c in range(dens.shape[1]):
-        if all(dens[li, c] <= budget[li] + 1e-12 for li in range(dens.shape[0])):
-            total = float(lost[:, c].sum())
-            if best is None or total < best[1]:
-                best = (c, total)
-    return best
+    cost = _cost_matrix(scores).sum(axis=0)  # (candidates,)
+    fits = [
+        c
+        for c in range(dens.shape[1])
+        if all(dens[li, c] <= budget[li] + 1e-12 for li in range(dens.shape[0]))
+    ]
+    if not fits:
+        return None
+    best = max(fits, key=lambda c: (round(float(dens[:, c].mean()), 9), -float(cost[c])))
+    return best, float(cost[best])
 
 
 def _lost_matrix(scores: dict[str, Any]) -> np.ndarray:
@@ -395,6 +587,16 @@ def _lost_matrix(scores: dict[str, Any]) -> np.ndarray:
         kept = np.asarray(scores["kept"][bi])  # (heads, lengths, candidates)
         rows.append(1.0 - kept.mean(axis=1))
     return np.concatenate(rows, axis=0)
+
+
+def _cost_matrix(scores: dict[str, Any]) -> np.ndarray:
+    """(all heads, candidates): what `plan` minimizes. The estimated loss change averaged over
+    lengths when the scores have it (objective "loss"), else the lost mass."""
+    if scores.get("loss") is None:
+        return _lost_matrix(scores)
+    return np.concatenate(
+        [np.asarray(scores["loss"][bi]).mean(axis=1) for bi in scores["blocks"]], axis=0
+    )
 
 
 def _budgets(scores: dict[str, Any], density: float | Sequence[float]) -> list[float]:
@@ -419,14 +621,19 @@ def plan(
     candidates: Sequence[Window] | None = None,
     max_windows_per_layer: int | None = 2,
     min_window: int = 16,
+    objective: Objective = "auto",
+    floor: float = 0.9,
     scores: dict[str, Any] | None = None,
     time_limit: float = 30.0,
 ) -> tuple[SparseAttentionConfig, dict[str, Any]]:
-    """Per-head windows with the least lost mass whose mean density is within `density` (a
-    share of dense attention's pairs, one value or one per length) at every profiled length.
+    """Per-head windows with the least cost (the scores' objective: estimated loss change or
+    lost mass) whose mean density lies in [floor * budget, budget] at every profiled length;
+    `density` is the budget, a share of dense attention's pairs, one value or one per length.
+    The floor (MoA uses 0.9) keeps the plan from spending less than it is given, so a plan and
+    a uniform window compared at one budget really cost the same.
 
     Returns the resolved config and a report: the scores, the plan's and the best uniform
-    window's lost mass and densities.
+    window's cost, lost mass and densities.
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
@@ -440,9 +647,11 @@ def plan(
             lengths=lengths,
             candidates=candidates,
             min_window=min_window,
+            objective=objective,
         )
     budget = _budgets(scores, density)
-    lost = _lost_matrix(scores)  # (H, C)
+    lost = _cost_matrix(scores)  # (H, C)
+    mass = _lost_matrix(scores)
     dens = np.asarray(scores["density"])  # (L, C)
     cands = [tuple(c) for c in scores["candidates"]]
     n_heads, n_c = lost.shape
@@ -456,11 +665,11 @@ def plan(
     rows: list[tuple[dict[int, float], float, float]] = []
     for h in range(n_heads):  # one candidate per head
         rows.append(({h * n_c + c: 1.0 for c in range(n_c)}, 1.0, 1.0))
-    for li in range(len(budget)):  # mean density within budget at every length
+    for li in range(len(budget)):  # mean density within [floor, 1] x budget at every length
         rows.append(
             (
                 {h * n_c + c: dens[li, c] for h in range(n_heads) for c in range(n_c)},
-                -np.inf,
+                floor * budget[li] * n_heads,
                 budget[li] * n_heads,
             )
         )
@@ -492,8 +701,9 @@ def plan(
     )
     if res.x is None:
         raise PassError(
-            f"sparse-attention: no per-head plan fits density {budget} at lengths "
-            f"{scores['lengths']} ({res.message}); raise the budget or add smaller windows"
+            f"sparse-attention: no per-head plan has density in [{floor} x, 1 x] {budget} at "
+            f"lengths {scores['lengths']} ({res.message}); change the budget, lower the floor "
+            "or add candidate windows"
         )
     choice = np.asarray(res.x[:n_x]).reshape(n_heads, n_c).argmax(axis=1)
     heads: dict[int, list[tuple[float, float]]] = {}
@@ -507,8 +717,10 @@ def plan(
     report: dict[str, Any] = {
         "budget": budget,
         "lengths": scores["lengths"],
+        "objective": scores.get("objective", "mass"),
         "plan": {
-            "lost": float(lost[np.arange(n_heads), choice].sum() / n_heads),
+            "cost": float(lost[np.arange(n_heads), choice].sum()),
+            "lost": float(mass[np.arange(n_heads), choice].sum() / n_heads),
             "density": [float(dens[li, choice].mean()) for li in range(len(budget))],
         },
         "uniform": None,
@@ -519,7 +731,8 @@ def plan(
         report["uniform"] = {
             "alpha": cands[c][0],
             "beta": cands[c][1],
-            "lost": total / n_heads,
+            "cost": total,
+            "lost": float(mass[:, c].sum() / n_heads),
             "density": [float(dens[li, c]) for li in range(len(budget))],
         }
     return config, report
