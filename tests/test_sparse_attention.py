@@ -53,7 +53,10 @@ from trimformer.passes.base import Context  # noqa: E402
 from trimformer.passes.sparse_attention import (  # noqa: E402
     SparseAttentionConfig,
     _kept_mass,
+    _loss_change,
+    _next_token_loss,
     plan,
+    score,
     sparsify_attention,
 )
 
@@ -449,6 +452,65 @@ def test_kept_mass_equals_brute_force() -> None:
             assert torch.allclose(got[:, c].float(), want, atol=1e-5)
 
 
+def test_loss_change_equals_brute_force_first_order_sum() -> None:
+    g = torch.Generator().manual_seed(1)
+    for causal, around in ((True, None), (True, 6), (False, None), (False, 6)):
+        n, sink = 24, 2
+        scores = torch.randn(2, 3, n, n, generator=g)
+        if causal:
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -torch.inf)
+        p = torch.softmax(scores, -1)
+        grad = torch.randn(2, 3, n, n, generator=g)
+        rows = torch.ones(2, n)
+        rows[0, 18:] = 0
+        windows = [1, 3, 6, 24]
+
+        def restricted(p: torch.Tensor, w: int, causal: bool) -> torch.Tensor:
+            kept = p * local_pattern(24, w, 2, causal)  # A on the pattern, renormalized per row
+            return kept / kept.sum(-1, keepdim=True)
+
+        base = p if around is None else restricted(p, around, causal)
+        got = _loss_change(p, grad, rows, windows, sink, causal, around)
+        for c, w in enumerate(windows):
+            want = (grad * (restricted(p, w, causal) - base)).sum(-1)  # (B, H, N)
+            want = (want * rows.view(2, 1, n)).sum(dim=(0, 2))
+            assert torch.allclose(got[:, c].float(), want, atol=1e-5), (causal, around, w)
+        if around is not None:
+            assert got[:, windows.index(around)].abs().max() < 1e-9
+
+
+def test_loss_score_of_the_whole_window_is_zero_and_of_a_tiny_one_is_not(llama: Tiny) -> None:
+    scores = score(
+        llama.gm,
+        discover(llama.gm),
+        llama.ctx(),
+        sink=2,
+        lengths=[70],
+        candidates=[(0.0, 1.0), (4.0, 0.0)],
+        min_window=4,
+    )
+    assert scores["objective"] == "loss"  # "auto" on a causal LM
+    loss = np.asarray([scores["loss"][b] for b in scores["blocks"]])  # (blocks, H, L, C)
+    assert np.abs(loss[..., 0]).max() < 1e-9  # the full window changes nothing
+    assert np.abs(loss[..., 1]).max() > 1e-6
+
+
+def test_first_order_loss_estimate_matches_the_real_change_for_a_small_cut(llama: Tiny) -> None:
+    # Window 60 of 70 tokens: only the last rows lose keys, so first order should be close.
+    ctx = llama.ctx()
+    scores = score(
+        llama.gm, discover(llama.gm), ctx, sink=2, lengths=[70], candidates=[(60.0, 0.0)]
+    )
+    estimate = sum(float(np.sum(scores["loss"][b])) for b in scores["blocks"])
+    gm, _ = _sparsified(llama, sink=2, alpha=60.0, beta=0.0)
+    with torch.no_grad():
+        before = _next_token_loss(llama.gm(**llama.check), llama.check)
+        after = _next_token_loss(gm(**llama.check), llama.check)
+    actual = float(after - before)
+    assert abs(actual) > 1e-5
+    assert abs(estimate - actual) <= 0.1 * abs(actual)
+
+
 def test_milp_plan_beats_uniform_window_at_equal_density(llama: Tiny) -> None:
     config, report = plan(
         llama.gm,
@@ -461,7 +523,7 @@ def test_milp_plan_beats_uniform_window_at_equal_density(llama: Tiny) -> None:
     )
     assert report["uniform"] is not None
     assert report["plan"]["cost"] < report["uniform"]["cost"]
-    assert all(d <= 0.5 + 1e-9 for d in report["plan"]["density"])
+    assert all(0.9 * 0.5 - 1e-9 <= d <= 0.5 + 1e-9 for d in report["plan"]["density"])
     assert all(len(config.heads[b]) == HEADS for b in range(LAYERS))
     for pairs in config.heads.values():  # at most 2 distinct windows per layer (MoA's limit)
         assert len(set(pairs)) <= 2
