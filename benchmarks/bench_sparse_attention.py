@@ -7,14 +7,17 @@
     (N(N+1)/2 over ~N(w + sink)); share = measured / ideal.
 (b) The bundled sample (samples/tinyllama-py: Llama, 6 blocks, 8 heads of 32, context 1024) at
     1x1024: held-out perplexity (Python docs topics never trained on) and measured speedup of the
-    best uniform window against calibrated per-head windows (`plan`, scipy milp) at equal
-    density (the plan's budget at each profiled length is the uniform window's density there).
+    uniform window that fills each density budget against calibrated per-layer / per-head
+    windows (`plan`, scipy milp) at equal density: a plan's density lies within [0.97, 1] x the
+    uniform window's at each profiled length.
 
 Every latency is the median of interleaved runs in one process (trimformer.cost_model.measure).
 
     python benchmarks/bench_sparse_attention.py               # (a) and (b)
     python benchmarks/bench_sparse_attention.py --part op     # (a) only
-    python benchmarks/bench_sparse_attention.py --part model  # (b) only
+    python benchmarks/bench_sparse_attention.py --part model --seq 1024 --plans /tmp/plans
+        # (b) only; a second run with the same --plans reuses the plans and their quality and
+        # measures latency only (e.g. at another --threads)
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import contextlib
 import copy
 import datetime
 import io
+import json
 import math
 import os
 import platform
@@ -55,6 +59,7 @@ from trimformer.optimizer.text import python_docs_split  # noqa: E402
 from trimformer.passes.base import Context  # noqa: E402
 from trimformer.passes.sparse_attention import (  # noqa: E402
     SparseAttentionConfig,
+    _lost_matrix,
     plan,
     score,
     sparsify_attention,
@@ -63,8 +68,8 @@ from trimformer.passes.sparse_attention import (  # noqa: E402
 
 HEADS, HEAD_DIM, WINDOW, SINK = 8, 64, 256, 4
 LENGTHS = (2048, 8192, 16384)
-OBJ = ("loss", "mass")
-OBJ_NAME = {"around": "loss@uniform", "loss": "loss@dense", "mass": "mass"}
+CALIB_TOKENS = int(os.environ.get("CALIB_TOKENS", 16384))  # calibration tokens per length
+TRUST = 2.0  # trust region of the first-order estimate: windows within [w0 / 2, 2 w0]
 FLOOR = 0.97  # a plan's density is within [FLOOR, 1] x the uniform window's at every length
 ORT_DENSE_MAX = 8192  # the exported dense SDPA materializes H*N^2 fp32 scores (8.6 GB at 16k)
 
@@ -197,7 +202,80 @@ def bench_op(threads: int) -> None:
 # ----------------------------------------------------------------------------- (b) the model
 
 
-def bench_model(threads: int, seq: int, budgets: tuple[float, ...] = (0.25, 0.5)) -> None:
+def _plan_variants(
+    kind: str,
+    gm: torch.fx.GraphModule,
+    ctx: Context,
+    held: list,
+    lengths: list[int],
+    budgets: tuple[float, ...],
+) -> tuple[float, dict[str, tuple[SparseAttentionConfig, dict, dict]]]:
+    """Uniform windows and calibrated plans at equal density, with their held-out quality."""
+    structure = discover(gm)
+    ref = quality.reference_outputs(gm, held)
+    base_ppl = quality.evaluate(kind, gm, held, ref).metrics["perplexity"]
+    mass = score(gm, structure, ctx, sink=SINK, lengths=lengths, objective="mass")
+    cands = [tuple(c) for c in mass["candidates"]]
+    heads = sum(mass["heads"].values())
+    variants: dict[str, tuple[SparseAttentionConfig, dict]] = {}
+    for budget in budgets:
+        # The uniform baseline: the single window that fills the budget best.
+        uni = uniform_choice(mass, [budget] * len(lengths))
+        if uni is None:
+            continue
+        c = uni[0]
+        alpha, beta = cands[c]
+        matched = [float(d[c]) for d in mass["density"]]  # its density per length
+        lost = float(_lost_matrix(mass)[:, c].sum() / heads)
+        variants[f"uniform w={alpha:g}+{beta:g}N"] = (
+            SparseAttentionConfig(sink=SINK, alpha=alpha, beta=beta),
+            {"density": matched, "lost": lost, "cost": 0.0},
+        )
+        # The loss expanded at the uniform-window model: costs are changes relative to it.
+        around = score(
+            gm, structure, ctx, sink=SINK, lengths=lengths, objective="loss", around=(alpha, beta)
+        )
+        # Equal density: a plan spends between FLOOR and 1 x the uniform window's density.
+        # K = 1: one window per layer (no head groups in the op); K = 2: MoA's per-head limit.
+        for scores, trust, k, label in (
+            (around, TRUST, 1, f"per-layer (K=1, loss@uniform, trust {TRUST:g})"),
+            (around, TRUST, 2, f"per-head (K=2, loss@uniform, trust {TRUST:g})"),
+            (around, None, 2, "per-head (K=2, loss@uniform, no trust region)"),
+            (mass, None, 2, "per-head (K=2, mass)"),
+        ):
+            config, report = plan(
+                gm,
+                structure,
+                ctx,
+                density=matched,
+                sink=SINK,
+                scores=scores,
+                trust=trust,
+                max_windows_per_layer=k,
+                floor=FLOOR,
+            )
+            # the plan's loss change relative to the uniform window, estimated at the uniform
+            # model, whatever objective chose it
+            est = sum(
+                float(np.asarray(around["loss"][b])[h, :, cands.index(tuple(w))].mean())
+                for b, ws in config.heads.items()
+                for h, w in enumerate(ws)
+            )
+            variants[f"{label} @ {matched[-1]:.2f}"] = (
+                config,
+                {"density": report["plan"]["density"], "lost": report["plan"]["lost"], "cost": est},
+            )
+    out = {}
+    for name, (config, info) in variants.items():
+        g = copy.deepcopy(gm)
+        sparsify_attention(g, discover(g), config, ctx)
+        out[name] = (config, info, quality.evaluate(kind, g, held, ref).metrics)
+    return base_ppl, out
+
+
+def bench_model(
+    threads: int, seq: int, plans: Path | None, budgets: tuple[float, ...] = (0.25, 0.5)
+) -> None:
     path = DEFAULT_SAMPLE
     while not (path / "model.safetensors").is_file():
         print(f"waiting for {path} (the sample may still be training)", file=sys.stderr)
@@ -210,84 +288,48 @@ def bench_model(threads: int, seq: int, budgets: tuple[float, ...] = (0.25, 0.5)
     )
     t0 = time.perf_counter()
     gm = capture(loaded, example[0].inputs)
-    # The same number of tokens at every length: 4k for calibration, all of the held-out text.
+    # 16k calibration tokens at every length; all of the held-out text.
     calib = quality.make_text_batches(
-        tok, split.calibration, batch_size=2, seq_len=seq, max_batches=2048 // seq
+        tok, split.calibration, batch_size=2, seq_len=seq, max_batches=CALIB_TOKENS // (2 * seq)
     )
     held = quality.make_text_batches(
         tok, split.heldout, batch_size=2, seq_len=seq, max_batches=4096 // seq
     )
     ctx = Context(kind=loaded.kind, batches=[b.inputs for b in calib])
-    structure = discover(gm)
-    ref = quality.reference_outputs(gm, held)
-    base = quality.evaluate(loaded.kind, gm, held, ref)
     lengths = [seq // 2, seq]
-    scores = {o: score(gm, structure, ctx, sink=SINK, lengths=lengths, objective=o) for o in OBJ}
-    print(f"\ncalibrated in {time.perf_counter() - t0:.0f} s (capture + scoring)", file=sys.stderr)
-
-    variants: dict[str, tuple[SparseAttentionConfig, dict]] = {}
-    cands = [tuple(c) for c in scores["mass"]["candidates"]]
-    for budget in budgets:
-        # The uniform baseline: the single window that fills the budget best.
-        uni = uniform_choice(scores["mass"], [budget] * len(lengths))
-        if uni is None:
-            continue
-        c, lost = uni
-        alpha, beta = cands[c]
-        matched = [float(d[c]) for d in scores["mass"]["density"]]  # its density per length
-        # The loss expanded at the uniform-window model: costs are changes relative to it.
-        scores["around"] = score(
-            gm,
-            structure,
-            ctx,
-            sink=SINK,
-            lengths=lengths,
-            objective="loss",
-            around=(alpha, beta),
-        )
-        heads = sum(scores["mass"]["heads"].values())
-        variants[f"uniform w={alpha:g}+{beta:g}N"] = (
-            SparseAttentionConfig(sink=SINK, alpha=alpha, beta=beta),
-            {"density": matched, "lost": lost / heads, "cost": 0.0},
-        )
-        # Equal density: the plan may spend between FLOOR and 1 x the uniform window's density.
-        # K = 1: one window per layer (no head groups in the op); K = 2: MoA's per-head limit.
-        for objective, k, label in (
-            ("around", 1, "per-layer"),
-            ("around", 2, "per-head"),
-            ("loss", 2, "per-head"),
-            ("mass", 2, "per-head"),
-        ):
-            config, report = plan(
-                gm,
-                structure,
-                ctx,
-                density=matched,
-                sink=SINK,
-                scores=scores[objective],
-                max_windows_per_layer=k,
-                floor=FLOOR,
-            )
-            # the plan's loss change relative to the uniform window, estimated at the uniform
-            # model, whatever objective chose it
-            est = sum(
-                float(np.asarray(scores["around"]["loss"][b])[h, :, cands.index(tuple(w))].mean())
-                for b, ws in config.heads.items()
-                for h, w in enumerate(ws)
-            )
-            variants[f"{label} (K={k}, {OBJ_NAME[objective]}) @ {matched[-1]:.2f}"] = (
-                config,
-                {"density": report["plan"]["density"], "lost": report["plan"]["lost"], "cost": est},
+    saved = plans.with_suffix(f".{seq}.json") if plans is not None else None
+    if saved is not None and saved.is_file():
+        # Reuse the plans and quality of an earlier run (e.g. the 1-thread one): only latency
+        # is measured again.
+        record = json.loads(saved.read_text())
+        base_ppl = record["base_ppl"]
+        variants = {
+            name: (SparseAttentionConfig.model_validate(v["config"]), v["info"], v["metrics"])
+            for name, v in record["variants"].items()
+        }
+        print(f"plans and quality from {saved}", file=sys.stderr)
+    else:
+        base_ppl, variants = _plan_variants(loaded.kind, gm, ctx, held, lengths, budgets)
+        print(f"\nplanned in {time.perf_counter() - t0:.0f} s (capture + scoring)", file=sys.stderr)
+        if saved is not None:
+            saved.write_text(
+                json.dumps(
+                    {
+                        "base_ppl": base_ppl,
+                        "variants": {
+                            name: {"config": c.model_dump(mode="json"), "info": i, "metrics": m}
+                            for name, (c, i, m) in variants.items()
+                        },
+                    }
+                )
             )
 
     sample = {k: v[:1] for k, v in held[0].inputs.items()}  # 1 x seq, a full row
     programs = {"dense (original)": gm}
-    results = {}
-    for name, (config, info) in variants.items():
+    for name, (config, _, _) in variants.items():
         g = copy.deepcopy(gm)
         sparsify_attention(g, discover(g), config, ctx)
         programs[name] = g
-        results[name] = (quality.evaluate(loaded.kind, g, held, ref), info)
     lat = measure_interleaved(
         {name: torch_runner(p, sample) for name, p in programs.items()},
         warmup=2,
@@ -297,8 +339,6 @@ def bench_model(threads: int, seq: int, budgets: tuple[float, ...] = (0.25, 0.5)
         shape=f"1x{seq}",
         runtime="torch",
     )
-
-    base_ppl = base.metrics["perplexity"]
     rows = [
         [
             "dense (original)",
@@ -313,8 +353,8 @@ def bench_model(threads: int, seq: int, budgets: tuple[float, ...] = (0.25, 0.5)
             "1.00x",
         ]
     ]
-    for name, (res, info) in results.items():
-        ppl = res.metrics["perplexity"]
+    for name, (_, info, metrics) in variants.items():
+        ppl = metrics["perplexity"]
         rows.append(
             [
                 name,
@@ -323,8 +363,8 @@ def bench_model(threads: int, seq: int, budgets: tuple[float, ...] = (0.25, 0.5)
                 f"{100 * (math.exp(info['cost']) - 1):+.1f}%",
                 f"{ppl:.2f}",
                 f"{100 * (ppl / base_ppl - 1):+.1f}%",
-                f"{res.metrics['kl']:.4f}",
-                f"{res.metrics['top1_agreement']:.3f}",
+                f"{metrics['kl']:.4f}",
+                f"{metrics['top1_agreement']:.3f}",
                 f"{lat[name].median_ms:.1f}",
                 f"{speedup(lat['dense (original)'], lat[name]):.2f}x",
             ]
@@ -333,8 +373,8 @@ def bench_model(threads: int, seq: int, budgets: tuple[float, ...] = (0.25, 0.5)
         f"\n(b) {path.name} (Llama, 6 blocks x 8 heads, head dim 32), torch CPU, {threads} "
         f"threads, latency at 1x{seq}; quality on held-out Python docs ({len(held)} batches of "
         f"2x{seq}); calibration at N = {lengths} on {len(calib)} batches of 2x{seq} "
-        "(objectives: 'loss@uniform' / 'loss@dense': first-order next-token loss change "
-        "expanded at the uniform-window / dense model, 'mass': lost attention mass); "
+        "(objectives: 'loss@uniform': first-order next-token loss change expanded at the "
+        "uniform-window model, 'mass': lost attention mass); "
         f"sink {SINK}; density = pairs kept / causal pairs at N = {lengths}; plans within "
         f"[{FLOOR}, 1] x the uniform window's density\n"
     )
@@ -351,7 +391,7 @@ def bench_model(threads: int, seq: int, budgets: tuple[float, ...] = (0.25, 0.5)
         "speedup",
     ]
     print(table(head, rows))
-    for name, (config, _) in variants.items():
+    for name, (config, _, _) in variants.items():
         if config.heads:
             per_layer = {
                 b: sorted({f"{a:g}+{bt:g}N" for a, bt in pairs})
@@ -365,6 +405,12 @@ def main() -> None:
     ap.add_argument("--part", choices=("op", "model", "all"), default="all")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
+        "--plans",
+        type=Path,
+        help="model part: save the plans and their quality here (PATH.<seq>.json), or reuse "
+        "them if the file exists (then only latency is measured)",
+    )
+    ap.add_argument(
         "--seq", type=int, nargs="+", default=[1024, 256], help="model part: sequence lengths"
     )
     args = ap.parse_args()
@@ -375,7 +421,7 @@ def main() -> None:
         bench_op(args.threads)
     if args.part in ("model", "all"):
         for seq in args.seq:  # 1024: the full context; 256: the length the sample was trained at
-            bench_model(args.threads, seq)
+            bench_model(args.threads, seq, args.plans)
 
 
 if __name__ == "__main__":

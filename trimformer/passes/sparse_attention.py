@@ -399,7 +399,6 @@ def score(
     min_window: int = 16,
     objective: Objective = "auto",
     around: Window | None = None,
-    trust: float | None = None,
 ) -> dict[str, Any]:
     """Kept attention mass, and the first-order loss change, of every head for every candidate
     window, at each length.
@@ -414,9 +413,6 @@ def score(
     attention mass lost; forward only), or "auto" ("loss" for causal LMs, else "mass").
     `around` = (alpha, beta) takes the loss expansion at the model with that uniform window
     instead of at dense attention (`_loss_change`); costs are then changes relative to it.
-    `trust` (with `around`) keeps only candidates whose window is within [w0 / trust,
-    w0 * trust] of the expansion point's w0 at every length: a first-order estimate is only
-    trustworthy near the point it was taken at (a trust region).
 
     Returns {"lengths", "candidates", "sink", "causal", "blocks", "heads", "objective",
     "kept": {block: [head][length][candidate]}, "loss": same shape or None (objective "mass"),
@@ -444,22 +440,10 @@ def score(
         for c in (candidates or default_candidates())
         if window_size(c[0], c[1], shortest) >= min(min_window, shortest)
     ]
-    if around is not None and trust is not None:
-        cands = [
-            c
-            for c in cands
-            if all(
-                window_size(*around, n) / trust
-                <= window_size(c[0], c[1], n)
-                <= window_size(*around, n) * trust
-                for n in lengths
-            )
-        ]
     if not cands:
         raise PassError(
             f"sparse-attention: no candidate window reaches min_window={min_window} tokens at "
-            f"N = {shortest} (within the trust region, if one is given); lower min_window, "
-            "widen trust or pass more candidates"
+            f"N = {shortest}; lower min_window or pass larger candidates"
         )
     causal = {bi: bool(att.causal or args_of(att.core).get("is_causal")) for bi, att in cores}
     if objective == "loss":
@@ -599,6 +583,45 @@ def _cost_matrix(scores: dict[str, Any]) -> np.ndarray:
     )
 
 
+def trust_region(scores: dict[str, Any], trust: float) -> dict[str, Any]:
+    """The scores restricted to candidates whose window is within [w0 / trust, w0 * trust] of
+    the expansion point's window w0 (`score(around=...)`) at every length.
+
+    A first-order estimate is only trustworthy near the point it was taken at: far from it
+    (a 16-token head next to a 1024-token one when the expansion point has 128) the estimate
+    and the real change can even differ in sign.
+    """
+    around = scores.get("around")
+    if around is None:
+        raise PassError("sparse-attention: a trust region needs scores taken with around=")
+    keep = [
+        c
+        for c, (a, b) in enumerate(scores["candidates"])
+        if all(
+            window_size(*around, n) / trust
+            <= window_size(a, b, n)
+            <= window_size(*around, n) * trust
+            for n in scores["lengths"]
+        )
+    ]
+    if not keep:
+        raise PassError(f"sparse-attention: no candidate within a trust region of {trust}x")
+
+    def pick(per_block: dict[int, Any] | None) -> dict[int, Any] | None:
+        if per_block is None:
+            return None
+        return {b: np.asarray(v)[..., keep].tolist() for b, v in per_block.items()}
+
+    return {
+        **scores,
+        "candidates": [scores["candidates"][c] for c in keep],
+        "kept": pick(scores["kept"]),
+        "loss": pick(scores.get("loss")),
+        "density": np.asarray(scores["density"])[:, keep].tolist(),
+        "trust": trust,
+    }
+
+
 def _budgets(scores: dict[str, Any], density: float | Sequence[float]) -> list[float]:
     n = len(scores["lengths"])
     if isinstance(density, (int, float)):
@@ -623,6 +646,8 @@ def plan(
     min_window: int = 16,
     objective: Objective = "auto",
     floor: float = 0.9,
+    around: Window | None = None,
+    trust: float | None = None,
     scores: dict[str, Any] | None = None,
     time_limit: float = 30.0,
 ) -> tuple[SparseAttentionConfig, dict[str, Any]]:
@@ -630,7 +655,8 @@ def plan(
     lost mass) whose mean density lies in [floor * budget, budget] at every profiled length;
     `density` is the budget, a share of dense attention's pairs, one value or one per length.
     The floor (MoA uses 0.9) keeps the plan from spending less than it is given, so a plan and
-    a uniform window compared at one budget really cost the same.
+    a uniform window compared at one budget really cost the same. `around` expands the loss at
+    that uniform window (see `score`); `trust` then limits candidates to `trust_region`.
 
     Returns the resolved config and a report: the scores, the plan's and the best uniform
     window's cost, lost mass and densities.
@@ -648,7 +674,10 @@ def plan(
             candidates=candidates,
             min_window=min_window,
             objective=objective,
+            around=around,
         )
+    if trust is not None:
+        scores = trust_region(scores, trust)
     budget = _budgets(scores, density)
     lost = _cost_matrix(scores)  # (H, C)
     mass = _lost_matrix(scores)
