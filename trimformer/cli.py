@@ -45,6 +45,10 @@ def _setup(quiet: bool) -> Any:
 
         logging.getLogger("torch").setLevel(logging.ERROR)
         logging.getLogger("onnxscript").setLevel(logging.ERROR)
+        # transformers imports torchao while loading any model; torchao then warns about its
+        # CUDA-only libraries and torch about its enums (children with their own levels).
+        logging.getLogger("torchao").setLevel(logging.ERROR)
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
     def progress(msg: str) -> None:
         if not quiet:
@@ -271,10 +275,17 @@ def optimize(
         str, typer.Option("--passes", help="Passes the search may use (comma list).")
     ] = "drop,prune,int8",
     no_int8: Annotated[
-        bool, typer.Option("--no-int8", help="Forbid int8 (the search, onnxruntime only).")
+        bool, typer.Option("--no-int8", help="Forbid int8 in the search (either runtime).")
     ] = False,
     int8: Annotated[
-        bool, typer.Option("--int8", help="Quantize the ONNX program to int8 (manual).")
+        bool,
+        typer.Option(
+            "--int8",
+            help="Quantize to int8 (manual): onnxruntime QInt8 of the ONNX program "
+            "(model.int8.onnx) and, on runtime torch, torchao int8 (model.int8.pt2). torch int8 "
+            "is only fast under torch.compile (needs gcc; tens of seconds to compile): it is "
+            "timed compiled, and eager beside it.",
+        ),
     ] = False,
     quality_floor: Annotated[
         float | None,
@@ -357,6 +368,8 @@ def optimize(
       trimformer optimize --drop-attention 2 --out runs/demo
 
       trimformer optimize ./my-bert --drop-blocks 1 --drop-mode iterative --shape 8x128
+
+      trimformer optimize ./my-bert --int8 --runtime torch --shape 8x128
     """
     progress = _setup(quiet)
     if drop_mode not in ("one-shot", "iterative"):

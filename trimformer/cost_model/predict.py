@@ -48,7 +48,7 @@ class Plan:
     mlp_dropped: frozenset[int] = frozenset()
     heads_kept: tuple[tuple[int, float], ...] = ()  # (block, fraction of heads kept)
     neurons_kept: tuple[tuple[int, float], ...] = ()  # (block, fraction of neurons kept)
-    int8: bool = False  # onnxruntime dynamic int8 at export
+    int8: bool = False  # dynamic int8 (onnxruntime QInt8, or torchao under torch.compile)
 
     def heads(self, block: int) -> float:
         return dict(self.heads_kept).get(block, 1.0)
@@ -159,7 +159,9 @@ class CostModel:
     coef: np.ndarray = field(default_factory=lambda: np.array([1.0, 1.0, 0.0]))
     scale: float = 1.0  # until calibrated: measured baseline / raw predicted baseline
     points: list[tuple[np.ndarray, float]] = field(default_factory=list)
-    int8_factor: float = 1.0  # measured int8 / fp32 latency of the baseline program
+    # Measured int8 / fp32 latency of the baseline program on this runtime (torch: the
+    # torch.compile'd torchao program over fp32 eager, so compiling is part of the factor).
+    int8_factor: float = 1.0
 
     def features(self, plan: Plan) -> np.ndarray:
         """[matmul-like ms, other ms, 1] of the plan, from the profile."""

@@ -71,7 +71,7 @@ from torch import Tensor, fx
 from torch._guards import detect_fake_mode
 
 from trimformer.errors import TrimformerError, VerificationError
-from trimformer.export.onnx import _external_files, _first_line, export_onnx, ort_session
+from trimformer.export.onnx import export_onnx, external_files, first_line, ort_session
 from trimformer.graph.ops import SDPA
 from trimformer.graph.rewrite import args_of, finish, is_op
 
@@ -360,12 +360,12 @@ def export_int8(
         except Exception as exc:
             raise TrimformerError(
                 f"onnxruntime could not quantize the ONNX export of {path.name}: "
-                f"{type(exc).__name__}: {_first_line(exc)}; export fp32 with "
+                f"{type(exc).__name__}: {first_line(exc)}; export fp32 with "
                 "`trimformer.export.onnx.export_onnx` and check it loads in onnxruntime"
             ) from exc
         quantize_seconds = time.perf_counter() - start
         graph = onnx.load(str(staged), load_external_data=False)
-        staged_files = [staged, *_external_files(graph, staged.parent)]
+        staged_files = [staged, *external_files(graph, staged.parent)]
         missing = [f.name for f in staged_files if not f.is_file()]
         if missing:
             raise TrimformerError(
@@ -461,7 +461,7 @@ class OrtModule(torch.nn.Module):
             shape = "x".join(str(d) for d in next(iter(inputs.values())).shape)
             raise TrimformerError(
                 f"onnxruntime failed to run {self.path} at input shape {shape}: "
-                f"{type(exc).__name__}: {_first_line(exc)}; the shape may be outside the "
+                f"{type(exc).__name__}: {first_line(exc)}; the shape may be outside the "
                 "exported dynamic range"
             ) from exc
         return torch.from_numpy(np.ascontiguousarray(out))
@@ -533,10 +533,13 @@ def verify_int8(
     input_sets: Sequence[Mapping[str, Tensor]],
     min_cosine: float = 0.95,
     threads: int = 2,
+    model: Callable[..., Tensor] | None = None,
 ) -> Int8Check:
-    """Check an int8 ONNX file against the fp32 `reference` on every input set; raise if it drifts.
+    """Check an int8 program against the fp32 `reference` on every input set; raise if it drifts.
 
-    Per input set: the per-token cosine (over the last dim) between onnxruntime's output and
+    The program is the ONNX file at `path` run in onnxruntime, or `model` when given (the torch
+    int8 program loaded from `path`; `path` then only names it in messages).
+    Per input set: the per-token cosine (over the last dim) between the int8 output and
     `reference(**inputs)` at the positions where `attention_mask` is 1 (every position when
     there is no mask), and the relative L2 error there. Raises `VerificationError` on the first
     set whose mean cosine is below `min_cosine`, whose shape differs, or whose int8 output holds
@@ -548,11 +551,13 @@ def verify_int8(
             "other than the traced one"
         )
     path = Path(path)
-    model = OrtModule(path, threads)
+    if model is None:
+        model = OrtModule(path, threads)
     checks = []
     for inputs in input_sets:
         shape = "x".join(str(d) for d in next(iter(inputs.values())).shape)
-        got = model(**inputs).double()
+        with torch.no_grad():
+            got = model(**inputs).double()
         with torch.no_grad():
             want_t = reference(**inputs)
         if not isinstance(want_t, Tensor):
@@ -568,8 +573,8 @@ def verify_int8(
                 f"{path} at input shape {shape}: int8 vs reference per-token cosine mean "
                 f"{check.cosine_mean:.4f} < {min_cosine} (min {check.cosine_min:.4f}, rel L2 "
                 f"{check.rel_l2:.3g}, {check.tokens} tokens); the file is not this model or "
-                "quantization broke it — re-export it from this model with export_int8 "
-                "(qint8, per_channel=True), or ship fp32"
+                "quantization broke it — re-export it from this model (export_int8 with "
+                "qint8 per-channel, or export_int8_program for torch), or ship fp32"
             )
         logger.info(
             "verified int8 %s at %s: cosine mean %.4f min %.4f, rel L2 %.3g",
@@ -588,8 +593,8 @@ def _agreement(
     """Per-token cosine and relative L2 of one output pair; raise on shape or NaN/inf trouble."""
     if got.shape != want.shape:
         raise VerificationError(
-            f"{path} at input shape {shape}: onnxruntime output shape {tuple(got.shape)} != "
-            f"reference {tuple(want.shape)}; the ONNX file is not this model — re-export it"
+            f"{path} at input shape {shape}: int8 output shape {tuple(got.shape)} != "
+            f"reference {tuple(want.shape)}; the file is not this model — re-export it"
         )
     bad = int((~torch.isfinite(got)).sum())
     if bad:

@@ -156,14 +156,14 @@ def export_onnx(
             )
     except Exception as exc:
         raise TrimformerError(
-            f"ONNX export of {name} to {path} failed: {type(exc).__name__}: {_first_line(exc)}; "
+            f"ONNX export of {name} to {path} failed: {type(exc).__name__}: {first_line(exc)}; "
             "check that the module exports with torch.export first (trimformer.export.pt2."
             "export_program) — an op without an ONNX translation needs a custom_translation_table"
         ) from exc
     seconds = time.perf_counter() - start
 
     graph = onnx.load(str(path), load_external_data=False)
-    files = (path, *_external_files(graph, path.parent))
+    files = (path, *external_files(graph, path.parent))
     histogram = Counter(
         f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
         for n in graph.graph.node
@@ -205,7 +205,7 @@ def ort_session(path: Path, threads: int = 2) -> onnxruntime.InferenceSession:
         )
     except Exception as exc:
         raise TrimformerError(
-            f"onnxruntime cannot load {path}: {type(exc).__name__}: {_first_line(exc)}; "
+            f"onnxruntime cannot load {path}: {type(exc).__name__}: {first_line(exc)}; "
             "check that its .data file sits next to it, or re-export it"
         ) from exc
 
@@ -246,7 +246,7 @@ def verify_onnx(
         except Exception as exc:
             raise VerificationError(
                 f"onnxruntime failed to run {path} at shape {shape}: {type(exc).__name__}: "
-                f"{_first_line(exc)}; the shape may be outside the exported dynamic range"
+                f"{first_line(exc)}; the shape may be outside the exported dynamic range"
             ) from exc
         with torch.no_grad():
             want_t = reference(**inputs)
@@ -303,7 +303,7 @@ def _compare(
     return ShapeCheck(shape=shape, max_abs_diff=max_abs, max_rel_diff=max_rel)
 
 
-def _external_files(model: onnx.ModelProto, folder: Path) -> list[Path]:
+def external_files(model: onnx.ModelProto, folder: Path) -> list[Path]:
     """The external-data files the graph's initializers point at, in first-use order."""
     seen: dict[Path, None] = {}
     for tensor in model.graph.initializer:
@@ -331,6 +331,6 @@ def _quiet_exporter() -> Iterator[None]:
                 log.setLevel(level)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else "(no message)"

@@ -228,9 +228,8 @@ def run(
         ort_program = tmp / "model.onnx" if opts.onnx else None
         int8_steps = [s for s in steps if s.spec.name == "int8"]
         int8_quality = None
-        if int8_steps:
-            if not opts.onnx:
-                raise TrimformerError("the int8 stage quantizes the ONNX program; drop --no-onnx")
+        torch_int8: TorchInt8 | None = None
+        if int8_steps and opts.onnx:
             ort_program, int8_quality, exports["int8"] = _int8_stage(
                 loaded,
                 optimized,
@@ -243,9 +242,30 @@ def run(
                 opts,
                 progress,
             )
+        if int8_steps and "torch" in opts.runtimes:
+            torch_int8 = _torch_int8_stage(
+                loaded,
+                optimized,
+                int8_steps[-1].config,
+                sample,
+                dyn,
+                prepared,
+                reference,
+                tmp,
+                opts,
+                meta,
+                at_shape,
+                progress,
+            )
+            exports["int8_torch"] = torch_int8.export
+        if int8_steps and not opts.onnx and "torch" not in opts.runtimes:
+            raise TrimformerError(
+                "the int8 stage needs a runtime to quantize for: drop --no-onnx (onnxruntime) or "
+                "use --runtime torch"
+            )
         latency = measure_programs(
             original,
-            optimized,
+            torch_int8.served if torch_int8 is not None else optimized,
             ort_program,
             sample,
             dyn,
@@ -253,6 +273,7 @@ def run(
             opts.runtimes,
             opts,
             progress,
+            extra_torch=torch_int8.extra_runners if torch_int8 is not None else None,
         )
         report = build_report(
             loaded, prepared, structure, records, before, after, latency, exports, opts, digest
@@ -267,6 +288,14 @@ def run(
             )
             if report["latency"]:
                 report["latency"]["onnxruntime_program"] = "model.int8.onnx"
+        if torch_int8 is not None:
+            # torch serves model.int8.pt2; its quality is measured on that program (eager).
+            report["quality"]["after_int8_torch"] = torch_int8.quality.to_dict()
+            report["quality"]["delta_int8_torch"] = quality.quality_delta(
+                loaded.kind, before, torch_int8.quality
+            )
+            if report["latency"]:
+                report["latency"]["torch_program"] = torch_int8.program_label
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         from trimformer.report.html import render_html
@@ -303,6 +332,73 @@ def _int8_stage(
     progress("evaluating the int8 program in onnxruntime on held-out data")
     q = quality.evaluate(loaded.kind, OrtModule(path, opts.threads), prepared.evaluation, reference)
     return path, q, {**_asdict(info), "verification": _asdict(check)}
+
+
+@dataclass
+class TorchInt8:
+    """The torch int8 program of a run: what is timed (`served`), its quality, its record."""
+
+    served: torch.nn.Module  # compiled when the config says so, else the eager program
+    extra_runners: dict[str, Any]  # also timed: the eager program when `served` is compiled
+    quality: quality.QualityResult
+    export: dict[str, Any]
+    program_label: str
+
+
+def _torch_int8_stage(
+    loaded: Loaded,
+    optimized: fx.GraphModule,
+    config: Any,
+    sample: dict[str, torch.Tensor],
+    dyn: dict[str, Any],
+    prepared: Prepared,
+    reference: list[torch.Tensor],
+    tmp: Path,
+    opts: RunOptions,
+    meta: dict[str, Any],
+    at_shape: dict[str, torch.Tensor],
+    progress: Progress,
+) -> TorchInt8:
+    """torchao int8 of the edited graph: export model.int8.pt2, reload, verify, evaluate, compile.
+
+    Verification and quality run the program loaded back from the file, eager; the compiled
+    program (static shape, the one timed) computes the same ops fused, up to rounding.
+    """
+    from trimformer.export.int8 import verify_int8
+    from trimformer.export.int8_torch import (
+        compile_for_shape,
+        export_int8_program,
+        load_int8_program,
+    )
+    from trimformer.export.pt2 import save_pt2
+
+    progress("exporting model.int8.pt2 (torchao int8 dynamic activation x int8 weight)")
+    info = export_int8_program(optimized, sample, dyn, per_channel=config.per_channel)
+    path = tmp / "model.int8.pt2"
+    pt2_meta = {
+        **meta,
+        "int8": {"runtime": "torch", "library": "torchao", "compile": config.compile},
+    }
+    save_pt2(info.program, path, extra_files={PT2_META: json.dumps(pt2_meta)})
+    record: dict[str, Any] = {"path": path.name, "files": [path.name], **info.to_dict()}
+    del info  # the program is read back from the file: what ships is what is checked
+    program = load_int8_program(path).module()
+    check = verify_int8(
+        path, optimized, verification_inputs(loaded, sample), threads=opts.threads, model=program
+    )
+    progress("evaluating the torch int8 program on held-out data")
+    q = quality.evaluate(loaded.kind, program, prepared.evaluation, reference)
+    record.update(bytes=path.stat().st_size, compile=config.compile, verification=_asdict(check))
+    served: torch.nn.Module = program
+    extra: dict[str, Any] = {}
+    label = "model.int8.pt2 (eager)"
+    if config.compile:
+        progress(f"torch.compile of the int8 program at {opts.shape} (its speed needs it)")
+        compiled = compile_for_shape(program, at_shape)
+        served, extra = compiled.module, {"int8-eager": program}
+        record["compile_seconds"] = round(compiled.seconds, 1)
+        label = "model.int8.pt2 (torch.compile)"
+    return TorchInt8(served, extra, q, record, label)
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
@@ -383,11 +479,14 @@ def measure_programs(
     runtimes: tuple[str, ...],
     opts: RunOptions,
     progress: Progress,
+    extra_torch: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Original vs optimized on each runtime, all runners interleaved in one measurement.
 
     onnxruntime needs the original as ONNX too; it is exported to a temporary folder (same
-    exporter and settings as the optimized one) and deleted afterwards.
+    exporter and settings as the optimized one) and deleted afterwards. `extra_torch` names more
+    torch models timed in the same rounds (e.g. "int8-eager" beside the compiled int8 program);
+    their speedups over torch/original go to `speedup_other`.
     """
     from trimformer.cost_model.measure import measure_interleaved, ort_runner, torch_runner
     from trimformer.export.onnx import export_onnx, ort_session
@@ -397,6 +496,8 @@ def measure_programs(
     if "torch" in runtimes:
         runners["torch/original"] = torch_runner(original, at_shape)
         runners["torch/optimized"] = torch_runner(optimized, at_shape)
+        for name, module in (extra_torch or {}).items():
+            runners[f"torch/{name}"] = torch_runner(module, at_shape)
     base_dir = None
     try:
         if "onnxruntime" in runtimes:
@@ -436,6 +537,12 @@ def measure_programs(
     for rt in runtimes:
         o, n = stats[f"{rt}/original"], stats[f"{rt}/optimized"]
         result["speedup"][rt] = round(o.median_ms / n.median_ms, 4)
+    if extra_torch and "torch" in runtimes:
+        o = stats["torch/original"]
+        result["speedup_other"] = {
+            f"torch/{name}": round(o.median_ms / stats[f"torch/{name}"].median_ms, 4)
+            for name in extra_torch
+        }
     return result
 
 
@@ -503,17 +610,34 @@ def bench_run(
     onnx_path = run_dir / "model.int8.onnx"
     if not onnx_path.is_file():
         onnx_path = run_dir / "model.onnx"
-    return measure_programs(
+    at_shape = shape_inputs(original, shape)
+    torch_program: torch.nn.Module = optimized.module
+    extra: dict[str, Any] | None = None
+    int8_pt2 = run_dir / "model.int8.pt2"
+    if "torch" in runtimes and int8_pt2.is_file():
+        # The run's torch program is the int8 one; timed compiled (as the run was) and eager.
+        from trimformer.export.int8_torch import compile_for_shape, load_int8_program
+
+        torch_program = load_int8_program(int8_pt2).module()
+        if report.get("exports", {}).get("int8_torch", {}).get("compile", True):
+            progress(f"torch.compile of model.int8.pt2 at {shape}")
+            extra = {"int8-eager": torch_program}
+            torch_program = compile_for_shape(torch_program, at_shape).module
+    result = measure_programs(
         prep.gm,
-        optimized.module,
+        torch_program,
         onnx_path if onnx_path.is_file() else None,
         sample,
         dynamic_shapes(original, sample),
-        shape_inputs(original, shape),
+        at_shape,
         runtimes,
         opts,
         progress,
+        extra_torch=extra,
     )
+    if "torch" in runtimes and int8_pt2.is_file():
+        result["torch_program"] = "model.int8.pt2" + (" (torch.compile)" if extra else "")
+    return result
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:

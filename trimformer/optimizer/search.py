@@ -8,6 +8,9 @@ Moves. Every sub-layer walks a ladder, one rung per move:
     mlp:        all neurons -> 75% -> 50% -> dropped
 
 restricted to the passes allowed (`--passes`). Whole-block removal is both ladders at the end.
+int8 is one global move, on either runtime (onnxruntime: QInt8 of the ONNX program; torch:
+torchao int8 timed under torch.compile, offered only when torchao imports); its speed factor and
+quality loss are measured once on the baseline program and multiply/add with the structure's.
 
 Greedy with real outputs. For each move the cost model predicts the milliseconds it saves
 (`cost_model/predict.py`) and the calibration scores give a cheap quality cost (LLM-Drop
@@ -247,6 +250,9 @@ class SearchResult:
     reason: str = ""
     seconds: float = 0.0
     calibration: list[dict[str, float]] = field(default_factory=list)
+    # int8 measured on the baseline program: speed factor (int8 ms / fp32 ms), calibration
+    # loss, and on torch that it was timed compiled. None when int8 was not a move.
+    int8: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -260,6 +266,7 @@ class SearchResult:
             "chosen": self.chosen.to_dict(self.baseline_ms),
             "candidates": [c.to_dict(self.baseline_ms) for c in self.candidates],
             "cost_model_points": self.calibration,
+            "int8": self.int8,
         }
 
 
@@ -292,6 +299,17 @@ class Measurer:
         self.shape, self.threads, self.workdir = shape, threads, workdir
         self.repeats, self.rounds = repeats, rounds
         self.base_runner = self._runner(baseline, "baseline")
+        # torch: the eager int8 program of each measured name, for its quality (the compiled
+        # one that was timed computes the same up to rounding).
+        self._torch_int8: dict[str, torch.nn.Module] = {}
+
+    def int8_missing(self) -> str | None:
+        """Why int8 cannot be measured on this runtime, or None (onnxruntime: always can)."""
+        if self.runtime == "torch":
+            from trimformer.export.int8_torch import torchao_missing
+
+            return torchao_missing()
+        return None
 
     def export_int8(self, gm: fx.GraphModule, name: str) -> Path:
         from trimformer.export.int8 import export_int8
@@ -300,9 +318,24 @@ class Measurer:
         export_int8(gm, self.sample, self.dyn, path)
         return path
 
+    def int8_model(self, name: str) -> Callable[..., torch.Tensor]:
+        """The int8 program measured under `name`, as a model: onnxruntime, or torch eager."""
+        if self.runtime == "torch":
+            return self._torch_int8[name]
+        from trimformer.export.int8 import OrtModule
+
+        return OrtModule(self.workdir / name / "model.int8.onnx", self.threads)
+
     def _runner(self, gm: fx.GraphModule, name: str, int8: bool = False) -> Callable[[], object]:
         from trimformer.cost_model.measure import ort_runner, torch_runner
 
+        if self.runtime == "torch" and int8:
+            # torchao int8 is only fast under torch.compile: time the compiled program.
+            from trimformer.export.int8_torch import compile_for_shape, export_int8_program
+
+            module = export_int8_program(gm, self.sample, self.dyn).program.module()
+            self._torch_int8[name] = module
+            return torch_runner(compile_for_shape(module, self.at_shape).module, self.at_shape)
         if self.runtime == "torch":
             return torch_runner(gm, self.at_shape)
         from trimformer.export.onnx import export_onnx, ort_session
@@ -365,15 +398,23 @@ def search(
         model.add_point(plan, c_ms * base_ms / b_ms)
     model.calibrate()
     int8_loss = None
-    if "int8" in allow and measurer.runtime == "onnxruntime":
-        from trimformer.export.int8 import OrtModule
-
+    int8_info: dict[str, Any] | None = None
+    int8_missing = measurer.int8_missing() if "int8" in allow else None
+    if int8_missing:
+        progress(f"int8 is not a move here: {int8_missing}")
+    if ("int8" in allow) and not int8_missing:
         progress("measuring int8 on the baseline program (speed factor and quality cost)")
         b_ms, c_ms = measurer.measure(gm, "int8-baseline", int8=True)
         model.int8_factor = c_ms / b_ms
-        int8_module = OrtModule(measurer.workdir / "int8-baseline" / "model.int8.onnx")
+        int8_module = measurer.int8_model("int8-baseline")
         int8_metrics = quality.evaluate(kind, int8_module, proxy_b, proxy_ref).metrics
         int8_loss = proxy_loss(kind, int8_metrics)
+        int8_info = {
+            "factor": round(model.int8_factor, 4),
+            "proxy_quality_loss": round(int8_loss, 6),
+            "timed": "torch.compile" if measurer.runtime == "torch" else "onnxruntime",
+        }
+        progress(f"  int8: {1 / model.int8_factor:.2f}x faster, calibration loss {int8_loss:.4f}")
     blocks = [
         (b.index, kind_)
         for b in structure.blocks
@@ -463,6 +504,7 @@ def search(
             reached=False,
             reason="dry run: not verified",
             seconds=time.perf_counter() - t0,
+            int8=int8_info,
         )
     while verified < max_verify:
         current, current_proxy = greedy_until_goal(current, current_proxy)
@@ -477,9 +519,7 @@ def search(
         scale = base_ms / b_ms  # express in the baseline's time frame (drift between runs)
         c_ms *= scale
         if current.int8:
-            from trimformer.export.int8 import OrtModule
-
-            served = OrtModule(measurer.workdir / name / "model.int8.onnx")
+            served = measurer.int8_model(name)
             q = quality.evaluate(kind, served, evaluation, eval_ref).metrics
         else:
             q = quality.evaluate(kind, built, evaluation, eval_ref).metrics
@@ -533,4 +573,5 @@ def search(
             {"predicted_ms": round(float(f @ model.coef) * model.scale, 3), "measured_ms": y}
             for f, y in model.points
         ],
+        int8=int8_info,
     )

@@ -191,6 +191,8 @@ def print_summary(console: Console, report: dict[str, Any], out_dir: Path) -> No
         parts.append(", model.onnx")
     if "int8" in report.get("exports", {}):
         parts.append(", model.int8.onnx")
+    if "int8_torch" in report.get("exports", {}):
+        parts.append(", model.int8.pt2")
     parts.append(", report.json)")
     console.print("".join(parts))
     console.print(
@@ -203,4 +205,10 @@ def print_summary(console: Console, report: dict[str, Any], out_dir: Path) -> No
     q8 = report["quality"].get("delta_int8")
     if q8:
         console.print(f"quality of model.int8.onnx in onnxruntime: {q8.get('summary', q8)}")
+    q8t = report["quality"].get("delta_int8_torch")
+    if q8t:
+        console.print(f"quality of model.int8.pt2 in torch: {q8t.get('summary', q8t)}")
+    other = (report.get("latency") or {}).get("speedup_other") or {}
+    for name, ratio in other.items():
+        console.print(f"{name} (not compiled): {ratio:.3f}x; torch int8 needs torch.compile")
     console.print(f"next: trimformer inspect {out_dir}")
