@@ -18,22 +18,37 @@ sequence length (see `trimformer.kernels.local_attention` for the exact pattern)
 (alpha = 0, beta = 1) leaves the model unchanged. Eager attention (matmul → softmax → matmul) and
 attention with dropout are reported in `skipped` and left alone.
 
-Calibration. For head h and candidate (alpha, beta), the share of attention mass the pattern
-keeps, from the probabilities the model computes on calibration text (q and k tapped at the
-SDPA, A = softmax(scale q k^T + mask)):
+Calibration. For head h and candidate (alpha, beta), on calibration text at two or more lengths
+N (q, k, v tapped at the SDPA, A = softmax(scale q k^T + mask), P_h(i) the pattern's keys for
+query row i, R the real (non-pad) rows):
+
+- kept mass (objective "mass", forward only; the default for encoders):
 
     kept_h(alpha, beta; N) = (1 / |R|) sum_{i in R} sum_{j in P_h(i)} A_h[i, j]
 
-over the real (non-pad) query rows R at length N, with P_h(i) the pattern's keys for row i.
-MoA scores a pattern by the loss change it causes (a gradient profile); kept mass is the
-forward-only stand-in. The density of a candidate is the pairs its pattern computes over the
-pairs dense attention computes (the causal triangle, or the square), exactly, at each length.
+- first-order loss change (objective "loss", the default for causal LMs; MoA's gradient
+  profile, Fu et al. 2024): keeping only P_h(i) renormalizes row i, A' = A / K_i on P_h(i);
+  with G = dL/dA = dL/dout v^T from one backward pass of the next-token loss,
+
+    dL_h ~ sum_{i in R} ( sum_{j in P_h(i)} G[i, j] A[i, j] / K_i  -  sum_j G[i, j] A0[i, j] )
+
+  where A0 is the expansion point: dense attention, or (`around`) the model with every head at
+  one uniform window, whose window the plan then redistributes. The estimate is signed (a cut
+  the loss is better without counts as a gain), additive over heads (first order), and only
+  trusted near the expansion point: `trust_region` keeps candidates within a factor of its
+  window. On the sample at 1024 tokens, expanding at dense attention and allowing any window
+  chose plans that were worse than the uniform window they were estimated to beat
+  (benchmarks/RESULTS-sparse-attention.md).
+
+The density of a candidate is the pairs its pattern computes over the pairs dense attention
+computes (the causal triangle, or the square), exactly, at each length.
 
 `plan` chooses one candidate per head with `scipy.optimize.milp` (HiGHS), as MoA does with Gurobi:
 
-    minimize   sum_h sum_c lost[h, c] x[h, c]              lost = mean over lengths of 1 - kept
+    minimize   sum_h sum_c cost[h, c] x[h, c]       cost = mean over lengths of dL (or 1 - kept)
     subject to sum_c x[h, c] = 1                            every head gets one candidate
-               sum_{h, c} density[c, N] x[h, c] <= budget_N * heads     at every profiled N
+               floor * budget_N * heads <= sum_{h, c} density[c, N] x[h, c] <= budget_N * heads
+                                                            at every profiled N
                x[h, c] <= y[l(h), c],  sum_c y[l, c] <= K   at most K distinct windows per layer
                x, y in {0, 1}
 
