@@ -411,7 +411,7 @@ def search(
         int8_loss = proxy_loss(kind, int8_metrics)
         int8_info = {
             "factor": round(model.int8_factor, 4),
-            "proxy_quality_loss": round(int8_loss, 6),
+            "proxy_quality_loss": int8_loss,
             "timed": "torch.compile" if measurer.runtime == "torch" else "onnxruntime",
         }
         progress(f"  int8: {1 / model.int8_factor:.2f}x faster, calibration loss {int8_loss:.4f}")
