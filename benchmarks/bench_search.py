@@ -12,6 +12,7 @@ held-out quality and the wall time of the search (device profile cached after th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--targets", default="1.25,1.5,2.0")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--single", action="store_true", help="also search drop-only, prune-only")
+    ap.add_argument("--compensate", default="lstsq", help="lstsq, bias or none (see passes)")
     args = ap.parse_args()
     rows = []
     for name in args.models.split(","):
@@ -72,6 +74,7 @@ def main() -> None:
                             None,
                             False,
                             lambda m: print("   ", m, flush=True),
+                            args.compensate,
                         )
                     except TrimformerError as e:
                         print(f"  {name} {runtime} {target} {label}: {e}")
@@ -104,7 +107,8 @@ def main() -> None:
     print()
     print(
         f"search to a target speedup, no fine-tuning (torch {torch.__version__}, "
-        f"{args.threads} threads, CPU; quality on held-out Python docs)"
+        f"{args.threads} threads, CPU, compensate {args.compensate}, 1-min load average at the "
+        f"end {os.getloadavg()[0]:.1f}; quality on held-out Python docs)"
     )
     print(
         "| model | shape | runtime | target | passes | measured | in band | quality | "

@@ -117,7 +117,12 @@ def test_missing_recipe_file(tmp_path: Path) -> None:
 def test_resolve_steps_keeps_the_order_and_configs() -> None:
     steps = resolve_steps(STEPS)
     assert [s.spec.name for s in steps] == ["cleanup", "drop"]
-    assert steps[1].config.model_dump() == {"attention": [1], "mlp": [0], "blocks": []}
+    assert steps[1].config.model_dump() == {
+        "attention": [1],
+        "mlp": [0],
+        "blocks": [],
+        "compensate": "none",
+    }
 
 
 def test_valid_recipe_round_trips(tmp_path: Path) -> None:

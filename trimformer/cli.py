@@ -211,6 +211,7 @@ def manual_steps(
     skip: float,
     int8: bool,
     progress: Any,
+    compensate: str = "lstsq",
     *,
     fold_norm: bool = False,
     repbn: bool = False,
@@ -230,13 +231,15 @@ def manual_steps(
     if prune_heads or prune_neurons:
         progress("scoring heads and neurons (AMP importance)")
         request = prune_pass.PruneConfig(
-            heads=prune_heads, neurons=prune_neurons, gqa_mode=gqa_mode
+            heads=prune_heads, neurons=prune_neurons, gqa_mode=gqa_mode, compensate=compensate
         )
         config, scores = prune_pass.plan(prep.gm, prep.structure, prep.ctx, request)
         steps.append(Step(PASSES["prune"], config, importance=scores))
     if counts:
         progress(f"scoring sub-layers on {len(prep.calib)} calibration batches ({drop_mode})")
         config, scores = drop_pass.plan(prep.gm, prep.structure, prep.ctx, counts, drop_mode)
+        shift = "none" if compensate == "none" else "mean"
+        config = config.model_copy(update={"compensate": shift})
         steps.append(Step(PASSES["drop"], config, importance=scores))
     if skip:
         steps.append(Step(PASSES["skip"], PASSES["skip"].config(speedup=skip)))
@@ -311,6 +314,14 @@ def optimize(
     gqa_mode: Annotated[
         str, typer.Option(help="GQA head pruning: groups (remove K/V groups) or query.")
     ] = "groups",
+    compensate: Annotated[
+        str,
+        typer.Option(
+            help="Refit what pruning cuts on calibration data: lstsq (o/down projections "
+            "refit by ridge least squares), bias (mean of the cut features) or none; drops keep "
+            "their mean residual change unless none."
+        ),
+    ] = "lstsq",
     skip: Annotated[
         float, typer.Option(help="Unified layer skipping: keep int(L / SKIP) evenly spaced blocks.")
     ] = 0.0,
@@ -374,6 +385,8 @@ def optimize(
     progress = _setup(quiet)
     if drop_mode not in ("one-shot", "iterative"):
         _fail(f"--drop-mode {drop_mode!r}: use one-shot or iterative", 2)
+    if compensate not in ("lstsq", "bias", "none"):
+        _fail(f"--compensate {compensate!r}: use lstsq, bias or none", 2)
     if runtime not in ("torch", "onnxruntime", "both"):
         _fail(f"--runtime {runtime!r}: use torch, onnxruntime or both", 2)
     if runtime != "torch" and no_onnx:
@@ -440,7 +453,15 @@ def optimize(
         from trimformer.optimizer.run import run_search
 
         search_result = run_search(
-            loaded, prep, opts, target_speedup, allow, quality_floor, dry_run, progress
+            loaded,
+            prep,
+            opts,
+            target_speedup,
+            allow,
+            quality_floor,
+            dry_run,
+            progress,
+            compensate,
         )
         steps = search_result.steps
     else:
@@ -454,6 +475,7 @@ def optimize(
             skip,
             int8,
             progress,
+            compensate,
             fold_norm=fold_norm,
             repbn=repbn,
             repbn_steps=repbn_steps,
@@ -537,12 +559,16 @@ def apply(
                 f"{loaded.source} is not the checkpoint {recipe_path} was made from (sha256 "
                 f"{digest[:12]} != {recipe.model_sha256[:12]}); pass --force to apply anyway"
             )
+    calib = recipe.calibration  # the data the recipe was made with, so data-fitted passes replay
     opts = _run_options(
         out=out_dir,
         shape=shape or recipe.shape,
         runtime=runtime,
         threads=threads,
-        text=text,
+        text=text or (Path(calib.text) if calib.text else None),
+        seq_len=calib.seq_len,
+        batch_size=calib.batch_size,
+        calib_batches=calib.batches,
         onnx=not no_onnx,
         force=force,
         repeats=repeats,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -147,6 +148,18 @@ def finish(gm: fx.GraphModule) -> None:
     remove_unused_parameters(gm)
     gm.graph.lint()
     gm.recompile()
+
+
+def token_mask(batch: dict[str, torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    """Non-pad positions of a tapped value (B, S, F) or (B·S, F): index it as value[mask].
+
+    Every position counts when the batch has no attention mask or the value is not per token.
+    """
+    mask = batch.get("attention_mask")
+    lead = value.shape[:-1]
+    if mask is None or mask.numel() != math.prod(lead):
+        return torch.ones(lead, dtype=torch.bool)
+    return mask.bool().reshape(lead)
 
 
 def tap(gm: fx.GraphModule, nodes: list[Node]) -> fx.GraphModule:

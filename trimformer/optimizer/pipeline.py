@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import fx
 
 from trimformer.errors import PassError, RecipeError
@@ -48,12 +48,24 @@ def parse_shape(text: str) -> tuple[int, int]:
     return b, s
 
 
+class Calibration(BaseModel):
+    """The calibration text a run used: passes that read data replay only on the same data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = None  # a text file; None is Python's documentation (the default split)
+    seq_len: int = Field(128, ge=1)
+    batch_size: int = Field(4, ge=1)
+    batches: int = Field(4, ge=1)
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = ""
     model_sha256: str | None = None
     shape: str = "8x128"
+    calibration: Calibration = Calibration()
     passes: list[dict[str, Any]] = []
 
     @field_validator("shape")

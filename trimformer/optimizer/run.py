@@ -29,7 +29,14 @@ from trimformer.graph.flops import count_flops
 from trimformer.graph.rewrite import count_parameters
 from trimformer.graph.structure import Structure, discover
 from trimformer.optimizer import quality
-from trimformer.optimizer.pipeline import Recipe, Step, dump_recipe, parse_shape, run_steps
+from trimformer.optimizer.pipeline import (
+    Calibration,
+    Recipe,
+    Step,
+    dump_recipe,
+    parse_shape,
+    run_steps,
+)
 from trimformer.optimizer.text import TextSplit, load_text_file, python_docs_split
 from trimformer.passes.base import Context
 
@@ -194,6 +201,12 @@ def run(
         model=str(loaded.source),
         model_sha256=digest,
         shape=opts.shape,
+        calibration=Calibration(
+            text=str(opts.text) if opts.text else None,
+            seq_len=opts.seq_len,
+            batch_size=opts.batch_size,
+            batches=opts.calib_batches,
+        ),
         passes=[s.to_entry() for s in steps],
     )
     dyn = dynamic_shapes(loaded, sample)
@@ -428,6 +441,7 @@ def run_search(
     quality_floor: float | None,
     dry_run: bool,
     progress: Progress,
+    compensate: str = "lstsq",
 ) -> Any:
     """Search for a plan reaching `target` on the first runtime asked for (torch if both)."""
     from trimformer.optimizer.search import Measurer, search
@@ -464,6 +478,7 @@ def run_search(
             progress,
             quality_floor=floor,
             max_verify=0 if dry_run else 5,
+            compensate=compensate,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -150,12 +150,22 @@ def step_down(plan: Plan, block: int, kind: str, allow: set[str]) -> Plan | None
 class Builder:
     """Turns plans into pass steps and graphs; prune choices are resolved once per rung."""
 
-    def __init__(self, gm: fx.GraphModule, structure: Structure, ctx: Context) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, structure: Structure, ctx: Context, compensate: str = "lstsq"
+    ) -> None:
         self.gm = gm
         self.structure = structure
         self.ctx = ctx
+        self.compensate = compensate  # prune: none|bias|lstsq; drops get "mean" unless "none"
         self._prune_scores: dict[str, Any] | None = None
         self._drop_scores: dict[str, Any] | None = None
+        # Statistics of this builder's graph, reused across builds. Prune runs first on the
+        # (exactly cleaned) original, so its input moments hold for every build. A drop's mean
+        # shift depends on what was pruned before it: the cached original-graph shifts serve
+        # the proxy builds only; verified builds and the final run compute their own, exactly
+        # as `trimformer apply` replaying the recipe will.
+        self._moments: dict[str, Any] = {}
+        self._shifts: dict[Any, Any] = {}
 
     @property
     def drop_scores(self) -> dict[str, Any]:
@@ -179,7 +189,9 @@ class Builder:
             steps.append(self._prune_step(heads, neurons))
         if plan.attention_dropped or plan.mlp_dropped:
             config = drop_pass.DropConfig(
-                attention=sorted(plan.attention_dropped), mlp=sorted(plan.mlp_dropped)
+                attention=sorted(plan.attention_dropped),
+                mlp=sorted(plan.mlp_dropped),
+                compensate="none" if self.compensate == "none" else "mean",
             )
             steps.append(Step(PASSES["drop"], config, importance=self.drop_scores))
         if plan.int8:
@@ -196,20 +208,42 @@ class Builder:
         for b, f in neurons.items():
             m = self.structure.block(b).mlp.site  # type: ignore[union-attr]
             counts_n[b] = m.down.in_features - round(m.down.in_features * f)
-        request = prune_pass.PruneConfig(heads=counts_h, neurons=counts_n)
+        request = prune_pass.PruneConfig(
+            heads=counts_h, neurons=counts_n, compensate=self.compensate
+        )
         self.ctx.cache["prune.score"] = self.prune_scores
         config, scores = prune_pass.plan(self.gm, self.structure, self.ctx, request)
         return Step(PASSES["prune"], config, importance=scores)
 
-    def build(self, plan: Plan) -> fx.GraphModule:
+    def build(self, plan: Plan, exact: bool = True) -> fx.GraphModule:
+        """The plan's graph. exact=False (proxy scoring) reuses original-graph drop shifts."""
+        from trimformer.passes.compensate import STATS_KEY
+        from trimformer.passes.drop import SHIFT_KEY
+
+        steps = self.steps(plan)
         gm = copy.deepcopy(self.gm)
         structure = discover(gm)
-        for step in self.steps(plan):
-            if step.spec.name == "int8":
-                continue  # an export stage: the measurer quantizes the exported program
-            step.spec.apply(gm, structure, step.config, self.ctx)
-            structure = discover(gm)
+        if not exact and plan.attention_dropped | plan.mlp_dropped and self.compensate != "none":
+            self._original_shifts()
+            self.ctx.cache[SHIFT_KEY] = self._shifts
+        self.ctx.cache[STATS_KEY] = self._moments
+        try:
+            for step in steps:
+                if step.spec.name == "int8":
+                    continue  # an export stage: the measurer quantizes the exported program
+                step.spec.apply(gm, structure, step.config, self.ctx)
+                structure = discover(gm)
+        finally:
+            self.ctx.cache.pop(SHIFT_KEY, None)
+            self.ctx.cache.pop(STATS_KEY, None)
         return gm
+
+    def _original_shifts(self) -> None:
+        from trimformer.passes.drop import mean_shifts
+
+        if not self._shifts:
+            subs = self.structure.sublayers()
+            self._shifts.update(mean_shifts(self.gm, self.structure, subs, self.ctx))
 
 
 # ----------------------------------------------------------------------------- search
@@ -375,12 +409,13 @@ def search(
     progress: Progress,
     quality_floor: tuple[str, float] | None = None,
     max_verify: int = 5,
+    compensate: str = "lstsq",
 ) -> SearchResult:
     """Find and verify a plan whose measured speedup lands in [0.95, 1.15] x target."""
     if target <= 1.0:
         raise TrimformerError(f"--target-speedup {target} must be above 1.0")
     t0 = time.perf_counter()
-    builder = Builder(gm, structure, ctx)
+    builder = Builder(gm, structure, ctx, compensate)
     proxy_b = _proxy_batches(calib)
     proxy_ref = quality.reference_outputs(gm, proxy_b)
     eval_ref = quality.reference_outputs(gm, evaluation)
@@ -428,7 +463,7 @@ def search(
         if plan.int8:  # int8's loss, measured once on the baseline, adds to the structure's
             return proxy_of(replace(plan, int8=False)) + (int8_loss or 0.0)
         if plan not in proxies:
-            cand = builder.build(plan)
+            cand = builder.build(plan, exact=False)
             m = quality.evaluate(kind, cand, proxy_b, proxy_ref).metrics
             proxies[plan] = proxy_loss(kind, m)
         return proxies[plan]

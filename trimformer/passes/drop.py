@@ -37,25 +37,24 @@ from pydantic import Field
 from torch import fx
 
 from trimformer.errors import PassError
-from trimformer.graph.rewrite import finish, tap
+from trimformer.graph.rewrite import add_param, finish, module_path, tap, token_mask
 from trimformer.graph.structure import Block, Structure, SubLayer, discover
 from trimformer.passes.base import Context, PassConfig, PassSpec
+from trimformer.passes.compensate import sublayer_mean_shift
 
 
 class DropConfig(PassConfig):
     attention: list[int] = Field(default_factory=list, description="blocks whose attention goes")
     mlp: list[int] = Field(default_factory=list, description="blocks whose MLP goes")
     blocks: list[int] = Field(default_factory=list, description="blocks removed whole")
+    compensate: Literal["none", "mean"] = Field(
+        "none",
+        description="'mean': a dropped sub-layer leaves its mean change of the residual stream "
+        "(over calibration tokens) as a constant add instead of nothing",
+    )
 
 
 # ----------------------------------------------------------------------------- importance
-
-
-def _token_mask(batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
-    mask = batch.get("attention_mask")
-    if mask is None or mask.shape != hidden.shape[:2]:
-        return torch.ones(hidden.shape[:2], dtype=torch.bool)
-    return mask.bool()
 
 
 def similarity_importance(
@@ -69,7 +68,7 @@ def similarity_importance(
     with torch.no_grad():
         for batch in ctx.batches:
             vals = probe(**batch)
-            mask = _token_mask(batch, vals[0])
+            mask = token_mask(batch, vals[0])
             for i in range(len(pairs)):
                 x = vals[2 * i].float()[mask]
                 y = vals[2 * i + 1].float()[mask]
@@ -99,10 +98,58 @@ def score(gm: fx.GraphModule, structure: Structure, ctx: Context) -> dict:
 # ----------------------------------------------------------------------------- rewrite
 
 
-def _bypass(gm: fx.GraphModule, s: SubLayer) -> None:
-    """Make the sub-layer's output its input; the branch becomes dead code."""
-    out = s.post_norm.output if s.post_norm is not None else s.add
-    out.replace_all_uses_with(s.residual)
+def _out(s: SubLayer) -> fx.Node:
+    return s.post_norm.output if s.post_norm is not None else s.add
+
+
+def _bypass(gm: fx.GraphModule, s: SubLayer, shift: torch.Tensor | None = None) -> None:
+    """Make the sub-layer's output its input (plus a constant shift); the branch becomes dead."""
+    out = _out(s)
+    if shift is None:
+        out.replace_all_uses_with(s.residual)
+        return
+    val = out.meta.get("val")
+    dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+    owner = module_path(s.add).rpartition(".")[0]
+    target = (owner + "." if owner and _has_module(gm, owner) else "") + f"{s.kind}_drop_shift"
+    const = add_param(gm, target, shift.to(dtype), before=out)
+    with gm.graph.inserting_before(out):
+        shifted = gm.graph.call_function(torch.ops.aten.add.Tensor, (s.residual, const))
+    shifted.meta = {k: v for k, v in out.meta.items() if k in ("val", "tensor_meta")}
+    out.replace_all_uses_with(shifted)
+
+
+def _has_module(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+SHIFT_KEY = "drop.shift"  # ctx.cache entry {(block, kind): shift} a caller may keep for one graph
+
+
+def mean_shifts(
+    gm: fx.GraphModule, structure: Structure, subs: list[SubLayer], ctx: Context
+) -> dict[tuple[int, str], torch.Tensor]:
+    """{(block, kind): mean change of the residual stream} for sub-layers of gm."""
+    owner = {s: b.index for b in structure.blocks for s in b.sublayers}
+    values = sublayer_mean_shift(gm, [(s.residual, _out(s)) for s in subs], ctx)
+    return {(owner[s], s.kind): v for s, v in zip(subs, values, strict=True)}
+
+
+def _shifts(
+    gm: fx.GraphModule, structure: Structure, subs: list[SubLayer], ctx: Context
+) -> dict[SubLayer, torch.Tensor]:
+    """Each sub-layer's shift: from ctx.cache[SHIFT_KEY] when a caller put them there."""
+    owner = {s: b.index for b in structure.blocks for s in b.sublayers}
+    kept = ctx.cache.get(SHIFT_KEY)
+    cache: dict = dict(kept) if isinstance(kept, dict) else {}
+    todo = [s for s in subs if (owner[s], s.kind) not in cache]
+    if todo:
+        cache.update(mean_shifts(gm, structure, todo, ctx))
+    return {s: cache[(owner[s], s.kind)] for s in subs}
 
 
 def _resolve(structure: Structure, config: DropConfig) -> list[SubLayer]:
@@ -128,10 +175,11 @@ def _resolve(structure: Structure, config: DropConfig) -> list[SubLayer]:
 
 def drop_layers(gm: fx.GraphModule, structure: Structure, config: DropConfig, ctx: Context) -> dict:
     subs = _resolve(structure, config)
+    shifts = _shifts(gm, structure, subs, ctx) if config.compensate == "mean" else {}
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     # Later sub-layers first: each bypass rewires users of a node that earlier ones still see.
     for s in sorted(subs, key=lambda s: order[s.add], reverse=True):
-        _bypass(gm, s)
+        _bypass(gm, s, shifts.get(s))
     finish(gm)
     return {
         "removed": [
@@ -191,6 +239,7 @@ SPEC = PassSpec(
         "attention": "which blocks lose their attention sub-layer",
         "mlp": "which blocks lose their MLP sub-layer",
         "blocks": "which blocks are removed whole",
+        "compensate": "none | mean (keep the dropped sub-layer's mean residual change)",
     },
     apply=drop_layers,
     score=score,

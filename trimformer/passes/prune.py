@@ -63,8 +63,18 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from trimformer.errors import PassError
 from trimformer.graph import ops
-from trimformer.graph.rewrite import args_of, finish, get_param, is_op, set_arg, set_param, tap
+from trimformer.graph.rewrite import (
+    args_of,
+    finish,
+    get_param,
+    is_op,
+    set_arg,
+    set_param,
+    tap,
+    token_mask,
+)
 from trimformer.graph.structure import MLP, Attention, Linear, Structure, discover
+from trimformer.passes import compensate
 from trimformer.passes.base import Context, PassConfig, PassSpec
 
 aten = torch.ops.aten
@@ -85,6 +95,12 @@ class PruneConfig(PassConfig):
     gqa_mode: Literal["groups", "query"] = Field(
         "groups", description="GQA: remove whole key/value groups, or query heads inside groups"
     )
+    compensate: Literal["none", "bias", "lstsq"] = Field(
+        "none",
+        description="refit the o/down projection on calibration data for what was cut: 'bias' "
+        "adds the removed features' mean output, 'lstsq' refits kept columns and bias",
+    )
+    ridge: float = Field(0.1, ge=0.0, description="lstsq ridge, relative to the mean moment")
 
     @field_validator("heads", "neurons")
     @classmethod
@@ -115,15 +131,6 @@ class PruneConfig(PassConfig):
 
 
 # ----------------------------------------------------------------------------- importance
-
-
-def _token_mask(batch: dict[str, torch.Tensor], value: torch.Tensor) -> torch.Tensor:
-    """Non-pad positions of `value` (B, S, F) or (B·S, F), flattened to match value[mask]."""
-    mask = batch.get("attention_mask")
-    lead = value.shape[:-1]
-    if mask is None or mask.numel() != math.prod(lead):
-        return torch.ones(lead, dtype=torch.bool)
-    return mask.bool().reshape(lead)
 
 
 def _head_contributions(z: torch.Tensor, o: Linear, w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -159,7 +166,7 @@ def score(gm: fx.GraphModule, structure: Structure, ctx: Context) -> dict[str, A
     with torch.no_grad():
         for batch in ctx.batches:
             for i, value in enumerate(probe(**batch)):
-                mask = _token_mask(batch, value)
+                mask = token_mask(batch, value)
                 tokens[i] += int(mask.sum())
                 if i < len(atts):
                     a: Attention = atts[i][1]  # type: ignore[assignment]
@@ -368,9 +375,7 @@ def plan(
         removed = _neurons_to_remove(b, m, req, scores["neurons"].get(b, []), config.round_to)
         if removed:
             neurons[b] = removed
-    resolved = PruneConfig(
-        heads=heads, neurons=neurons, round_to=config.round_to, gqa_mode=config.gqa_mode
-    )
+    resolved = config.model_copy(update={"heads": heads, "neurons": neurons})
     return resolved, scores
 
 
@@ -384,13 +389,6 @@ def _keep_out(gm: fx.GraphModule, lin: Linear, keep: list[int]) -> None:
     set_param(gm, lin.weight, w.index_select(1 if lin.transposed else 0, idx))
     if lin.bias is not None:
         set_param(gm, lin.bias, get_param(gm, lin.bias).index_select(0, idx))
-
-
-def _keep_in(gm: fx.GraphModule, lin: Linear, keep: list[int]) -> None:
-    """Keep input features `keep` of a linear (weight columns; rows of a Conv1D [in, out])."""
-    idx = torch.tensor(keep, dtype=torch.long)
-    w = get_param(gm, lin.weight)
-    set_param(gm, lin.weight, w.index_select(0 if lin.transposed else 1, idx))
 
 
 def _head_features(start: int, heads: list[int], d: int) -> set[int]:
@@ -714,14 +712,23 @@ def prune_heads_and_neurons(
         edits += [_split_edit(n, gone, lin.out_features) for n in _feature_splits(lin)]
     _check_not_shared(gm, [*out_cut, *in_cut])
 
+    moments = {}
+    if resolved.compensate != "none":  # activations of the unpruned graph
+        moments = compensate.input_moments(gm, list(in_cut), ctx)
+
     # Everything is checked: from here on the graph changes.
     for _, edit in edits:
         edit()
     for lin, gone in out_cut.items():
         _keep_out(gm, lin, [f for f in range(lin.out_features) if f not in gone])
-    for lin, gone in in_cut.items():
-        _keep_in(gm, lin, [f for f in range(lin.in_features) if f not in gone])
     params = {t for lin in [*out_cut, *in_cut] for t in (lin.weight, lin.bias) if t is not None}
+    for lin, gone in in_cut.items():
+        keep = [f for f in range(lin.in_features) if f not in gone]
+        added = compensate.reduce_inputs(
+            gm, lin, keep, moments.get(lin.weight), resolved.compensate, resolved.ridge
+        )
+        if added is not None:
+            params.add(added)
     edited = {n for n, _ in edits}
     edited |= {n for n in gm.graph.nodes if (n.op == "get_attr") and (n.target in params)}
     rewritten = [n.name for n, _ in edits] + refresh_shapes(gm, old, edited)
@@ -798,6 +805,8 @@ SPEC = PassSpec(
         "neurons": "ratio of MLP neurons removed per block, or {block: count | [indices]}",
         "round_to": "kept neuron counts are a multiple of this (hardware-friendly widths)",
         "gqa_mode": "GQA: 'groups' removes whole key/value groups, 'query' query heads only",
+        "compensate": "none | bias (mean of the cut features) | lstsq (refit o/down projections)",
+        "ridge": "lstsq regularization towards the original weights",
     },
     apply=prune_heads_and_neurons,
     score=score,
