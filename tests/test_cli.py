@@ -271,3 +271,31 @@ def test_fold_norm_repbn_recover_from_flags(tmp_path: Path) -> None:
     assert fold["folded_count"] + fold["kept_count"] >= 1  # the final norm: folded or kept
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert [p["name"] for p in recipe["passes"]][-3:] == ["repbn", "recover", "fold-norm"]
+
+
+def test_profile_builds_the_cache_once(tmp_path: Path) -> None:
+    env_cache = {"TRIMFORMER_CACHE": str(tmp_path / "cache")}
+    args = ("profile", "--shape", "2x32", "--runtime", "both", "--threads", "1", "--json", "-q")
+    first = subprocess.run(
+        [sys.executable, "-m", "trimformer.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env_cache},
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr
+    rows = {r["runtime"]: r for r in json.loads(first.stdout)}
+    assert set(rows) == {"torch", "onnxruntime"}
+    for r in rows.values():
+        assert r["entries_needed"] > 10 and r["entries_measured"] == r["entries_needed"]
+        assert Path(r["path"]).is_file() and str(tmp_path) in r["path"]
+    again = subprocess.run(
+        [sys.executable, "-m", "trimformer.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env_cache},
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert [r["entries_measured"] for r in json.loads(again.stdout)] == [0, 0]

@@ -642,6 +642,89 @@ def bench(
     out.print(latency_table(result))
 
 
+@app.command()
+@_guard
+def profile(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Hugging Face model folder or .pt2 (default: sample).")
+    ] = None,
+    shape: Annotated[str, typer.Option(help="BATCHxSEQ the search will measure at.")] = "8x128",
+    runtime: Annotated[str, typer.Option(help="torch, onnxruntime, or both.")] = "both",
+    threads: Annotated[int, typer.Option()] = 2,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+) -> None:
+    """Build the device profile the cost model needs for this model and shape (cached).
+
+    Times every op shape the search can produce (linears at each kept width, attention at each
+    head count, elementwise sizes) on this machine, per runtime and thread count, and caches
+    them (~/.cache/trimformer/profiles, or $TRIMFORMER_CACHE). `optimize` measures whatever is
+    missing itself; this command does it ahead of time.
+
+    Example:
+
+      trimformer profile ./my-bert --shape 8x128 --runtime both --threads 4
+    """
+    _setup(quiet)
+    if runtime not in ("torch", "onnxruntime", "both"):
+        _fail(f"--runtime {runtime!r}: use torch, onnxruntime or both", 2)
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from trimformer.cost_model.predict import CostModel, build_profile, node_costs
+    from trimformer.cost_model.profile import DeviceProfile
+    from trimformer.graph.capture import load_checkpoint
+    from trimformer.optimizer.pipeline import parse_shape
+    from trimformer.optimizer.run import RunOptions, prepare, shape_inputs
+
+    loaded = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
+    parse_shape(shape)
+    opts = RunOptions(out=Path("."), shape=shape, threads=threads, calib_batches=1, eval_batches=1)
+    prep = prepare(loaded, opts, lambda m: None)
+    costs = node_costs(prep.gm, prep.structure, shape_inputs(loaded, shape))
+    blocks = [b.index for b in prep.structure.blocks]
+    rows = []
+    for rt in ("torch", "onnxruntime") if runtime == "both" else (runtime,):
+        prof = DeviceProfile(rt, threads)
+        t0 = time.perf_counter()
+        with Progress(
+            TextColumn(f"profiling {rt} ({threads} threads)"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=err,
+            disable=quiet,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(rt, total=None)
+            needed, measured = build_profile(
+                CostModel(costs, prof),
+                blocks,
+                lambda done, total, t=task: bar.update(t, completed=done, total=total),
+            )
+        secs = time.perf_counter() - t0
+        rows.append(
+            {
+                "runtime": rt,
+                "threads": threads,
+                "shape": shape,
+                "entries_needed": needed,
+                "entries_measured": measured,
+                "seconds": round(secs, 1),
+                "path": str(prof.path),
+            }
+        )
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    for r in rows:
+        out.print(
+            f"{r['runtime']}: {r['entries_needed']} op timings needed at {shape}, "
+            f"{r['entries_measured']} measured now in {r['seconds']} s; cached in {r['path']}"
+        )
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

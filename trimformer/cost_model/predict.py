@@ -22,6 +22,7 @@ the measured baseline.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -163,9 +164,8 @@ class CostModel:
     # torch.compile'd torchao program over fp32 eager, so compiling is part of the factor).
     int8_factor: float = 1.0
 
-    def features(self, plan: Plan) -> np.ndarray:
-        """[matmul-like ms, other ms, 1] of the plan, from the profile."""
-        mm = other = 0.0
+    def entries(self, plan: Plan) -> Iterator[tuple[str, str]]:
+        """(bucket, profile key) of every node the plan keeps; bucket "mm" or "other"."""
         for c in self.costs:
             f = 1.0
             if c.owner is not None:
@@ -181,19 +181,28 @@ class CostModel:
                     n = _round_width(n * f)
                 elif f < 1.0 and c.role in ("o", "down"):
                     k = _round_width(k * f)
-                mm += self.profile.time(f"linear:{m}:{k}:{n}")
+                yield "mm", f"linear:{m}:{k}:{n}"
             elif c.kind == "sdpa":
                 b, h, s, t, d = c.dims
                 h = max(1, int(round(h * f)))
-                mm += self.profile.time(f"sdpa:{b}:{h}:{s}:{t}:{d}")
+                yield "mm", f"sdpa:{b}:{h}:{s}:{t}:{d}"
             elif c.kind == "local":
                 b, _, length, d, sink, causal = c.dims
                 for heads, w in c.groups:
                     hg = max(1, int(round(heads * f)))
-                    mm += self.profile.time(f"local:{b}:{hg}:{length}:{d}:{w}:{sink}:{causal}")
+                    yield "mm", f"local:{b}:{hg}:{length}:{d}:{w}:{sink}:{causal}"
             else:
                 numel = int(c.dims[0] * f)
-                other += self.profile.time(f"eltwise:{_pow2(numel)}")
+                yield "other", f"eltwise:{_pow2(numel)}"
+
+    def features(self, plan: Plan) -> np.ndarray:
+        """[matmul-like ms, other ms, 1] of the plan, from the profile."""
+        mm = other = 0.0
+        for bucket, key in self.entries(plan):
+            if bucket == "mm":
+                mm += self.profile.time(key)
+            else:
+                other += self.profile.time(key)
         return np.array([mm, other, 1.0])
 
     def predict(self, plan: Plan) -> float:
@@ -220,3 +229,31 @@ class CostModel:
         coef, _ = nnls(a, y)
         if coef[0] > 0:
             self.coef, self.scale = coef, 1.0
+
+
+def ladder_plans(blocks: list[int], fractions: tuple[float, ...] = (0.75, 0.5)) -> list[Plan]:
+    """Plans that, together, touch every op shape the search's ladder can produce: the
+    baseline and every block at each kept fraction of heads, then of neurons (drops only
+    remove ops, so they add no shapes)."""
+    plans = [Plan()]
+    for f in fractions:
+        pairs = tuple((b, f) for b in blocks)
+        plans += [Plan(heads_kept=pairs), Plan(neurons_kept=pairs)]
+    return plans
+
+
+def build_profile(
+    model: CostModel, blocks: list[int], advance: Callable[[int, int], None] | None = None
+) -> tuple[int, int]:
+    """Measure every profile entry the ladder needs that the cache lacks, then save it.
+
+    Returns (entries needed, entries measured now); `advance(done, total)` reports progress.
+    """
+    needed = list(dict.fromkeys(k for p in ladder_plans(blocks) for _, k in model.entries(p)))
+    missing = [k for k in needed if k not in model.profile.entries]
+    for i, key in enumerate(missing):
+        model.profile.time(key)
+        if advance is not None:
+            advance(i + 1, len(missing))
+    model.profile.save()
+    return len(needed), len(missing)
