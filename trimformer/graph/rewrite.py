@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -160,6 +160,27 @@ def token_mask(batch: dict[str, torch.Tensor], value: torch.Tensor) -> torch.Ten
     if mask is None or mask.numel() != math.prod(lead):
         return torch.ones(lead, dtype=torch.bool)
     return mask.bool().reshape(lead)
+
+
+def sum_over_tokens(
+    gm: fx.GraphModule,
+    pairs: list[tuple[Node, Node]],
+    batches: Iterable[dict[str, torch.Tensor]],
+    stat: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[list[torch.Tensor], int]:
+    """Σ over non-pad tokens of stat(x, y) (x, y: (T, F) in fp64) for each node pair, and T."""
+    probe = tap(gm, [n for pair in pairs for n in pair])
+    sums: list[torch.Tensor] = [torch.zeros((), dtype=torch.float64)] * len(pairs)
+    count = 0
+    with torch.no_grad():
+        for batch in batches:
+            vals = probe(**batch)
+            mask = token_mask(batch, vals[0])
+            for i in range(len(pairs)):
+                x, y = vals[2 * i][mask].double(), vals[2 * i + 1][mask].double()
+                sums[i] = sums[i] + stat(x, y).sum(dim=0)
+            count += int(mask.sum())
+    return sums, count
 
 
 def tap(gm: fx.GraphModule, nodes: list[Node]) -> fx.GraphModule:

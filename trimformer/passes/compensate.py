@@ -28,13 +28,19 @@ pass refuses "lstsq" above MAX_LSTSQ_FEATURES inputs (use "bias" there).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import fx
 
 from trimformer.errors import PassError
-from trimformer.graph.rewrite import add_param, get_param, set_arg, set_param, tap, token_mask
+from trimformer.graph.rewrite import (
+    add_param,
+    get_param,
+    set_arg,
+    set_param,
+    sum_over_tokens,
+    tap,
+    token_mask,
+)
 from trimformer.graph.structure import Linear
 from trimformer.passes.base import Context
 
@@ -168,15 +174,5 @@ def sublayer_mean_shift(
             "drop compensation 'mean' needs calibration batches and none were given; pass "
             "calibration text or set compensate to 'none'"
         )
-    probe = tap(gm, [n for pair in pairs for n in pair])
-    sums: list[Any] = [0.0] * len(pairs)
-    count = 0
-    with torch.no_grad():
-        for batch in ctx.batches:
-            vals = probe(**batch)
-            mask = token_mask(batch, vals[0])
-            for i in range(len(pairs)):
-                x, y = vals[2 * i][mask].double(), vals[2 * i + 1][mask].double()
-                sums[i] = sums[i] + (y - x).sum(dim=0)
-            count += int(mask.sum())
+    sums, count = sum_over_tokens(gm, pairs, ctx.batches, lambda x, y: y - x)
     return [s / max(count, 1) for s in sums]

@@ -37,7 +37,7 @@ from pydantic import Field
 from torch import fx
 
 from trimformer.errors import PassError
-from trimformer.graph.rewrite import add_param, finish, module_path, tap, token_mask
+from trimformer.graph.rewrite import add_param, finish, module_path, sum_over_tokens
 from trimformer.graph.structure import Block, Structure, SubLayer, discover
 from trimformer.passes.base import Context, PassConfig, PassSpec
 from trimformer.passes.compensate import sublayer_mean_shift
@@ -61,19 +61,11 @@ def similarity_importance(
     gm: fx.GraphModule, pairs: list[tuple[fx.Node, fx.Node]], ctx: Context
 ) -> list[float]:
     """1 - mean cosine(input, output) over non-pad tokens, for each (input, output) node pair."""
-    nodes = [n for pair in pairs for n in pair]
-    probe = tap(gm, nodes)
-    total = torch.zeros(len(pairs), dtype=torch.float64)
-    count = 0
-    with torch.no_grad():
-        for batch in ctx.batches:
-            vals = probe(**batch)
-            mask = token_mask(batch, vals[0])
-            for i in range(len(pairs)):
-                x = vals[2 * i].float()[mask]
-                y = vals[2 * i + 1].float()[mask]
-                total[i] += torch.nn.functional.cosine_similarity(x, y, dim=-1).double().sum()
-            count += int(mask.sum())
+
+    def cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).double()
+
+    total, count = sum_over_tokens(gm, pairs, ctx.batches, cosine)
     return [float(1.0 - t / count) for t in total]
 
 
