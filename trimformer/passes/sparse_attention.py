@@ -661,8 +661,8 @@ def plan(
     min_window: int = 16,
     objective: Objective = "auto",
     floor: float = 0.9,
-    around: Window | None = None,
-    trust: float | None = None,
+    around: Window | Literal["uniform"] | None = "uniform",
+    trust: float | None = 2.0,
     scores: dict[str, Any] | None = None,
     time_limit: float = 30.0,
 ) -> tuple[SparseAttentionConfig, dict[str, Any]]:
@@ -670,8 +670,12 @@ def plan(
     lost mass) whose mean density lies in [floor * budget, budget] at every profiled length;
     `density` is the budget, a share of dense attention's pairs, one value or one per length.
     The floor (MoA uses 0.9) keeps the plan from spending less than it is given, so a plan and
-    a uniform window compared at one budget really cost the same. `around` expands the loss at
-    that uniform window (see `score`); `trust` then limits candidates to `trust_region`.
+    a uniform window compared at one budget really cost the same.
+
+    With the loss objective, `around` is where the loss is expanded (see `score`): "uniform"
+    (the default) is the uniform window that fills the budget (`uniform_choice`), a window
+    names one, None is dense attention; `trust` then limits candidates to `trust_region`
+    (ignored for scores without an expansion point). Given `scores`, they are used as they are.
 
     Returns the resolved config and a report: the scores, the plan's and the best uniform
     window's cost, lost mass and densities.
@@ -680,18 +684,25 @@ def plan(
     from scipy.sparse import lil_matrix
 
     if scores is None:
-        scores = score(
-            gm,
-            structure,
-            ctx,
-            sink=sink,
-            lengths=lengths,
-            candidates=candidates,
-            min_window=min_window,
-            objective=objective,
-            around=around,
-        )
-    if trust is not None:
+        common = dict(sink=sink, lengths=lengths, candidates=candidates, min_window=min_window)
+        mass = score(gm, structure, ctx, objective="mass", **common)  # type: ignore[arg-type]
+        scores = mass
+        if around == "uniform":
+            uni = uniform_choice(mass, _budgets(mass, density))
+            around = None
+            if uni is not None:
+                a0, b0 = mass["candidates"][uni[0]]
+                around = (float(a0), float(b0))
+        if (objective == "loss") or (objective == "auto" and ctx.kind == "causal-lm"):
+            scores = score(
+                gm,
+                structure,
+                ctx,
+                objective="loss",
+                around=around,
+                **common,  # type: ignore[arg-type]
+            )
+    if (trust is not None) and (scores.get("around") is not None):
         scores = trust_region(scores, trust)
     budget = _budgets(scores, density)
     lost = _cost_matrix(scores)  # (H, C)
