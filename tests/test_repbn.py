@@ -214,7 +214,7 @@ def test_model_lr_scale_slows_the_model_weights(tiny: Case, scale: float) -> Non
     assert all("extra" in p for p in result.curve)
     before = dict(tiny.gm.named_parameters())
     moved = max(
-        float((p - before[name]).abs().max())
+        float((p.detach() - before[name].detach()).abs().max())
         for name, p in gm.named_parameters()
         if name in before and name.endswith("q_proj.weight")
     )
