@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--targets", default="1.25,1.5,2.0")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--single", action="store_true", help="also search drop-only, prune-only")
+    ap.add_argument("--mixes", default="", help='pass sets to search, e.g. "drop;prune"')
     ap.add_argument("--compensate", default="lstsq", help="lstsq, bias or none (see passes)")
     args = ap.parse_args()
     rows = []
@@ -56,6 +57,8 @@ def main() -> None:
                 mixes.append(("drop,prune,int8", {"drop", "prune", "int8"}))
             if args.single:
                 mixes += [("drop", {"drop"}), ("prune", {"prune"})]
+            if args.mixes:
+                mixes = [(m, set(m.split(","))) for m in args.mixes.split(";")]
             for target in (float(t) for t in args.targets.split(",")):
                 for label, allow in mixes:
                     t0 = time.perf_counter()
