@@ -25,4 +25,6 @@ run "Search with int8, MiniLM 8x128, onnxruntime (issue 7)" $PY benchmarks/bench
 run "Cost model accuracy, sample 4x512 (issue 4)" $PY benchmarks/bench_cost_model.py --models sample --runtimes torch --n 20 --threads $T
 run "Search to targets, sample 4x512, torch (issue 4)" $PY benchmarks/bench_search.py --models sample --runtimes torch --threads $T
 run "Pruning and skipping vs FLOP-ideal, sample (issue 3)" $PY benchmarks/bench_prune.py --models sample --threads $T
+run "Compensation: quality with and without (issues 3, 4)" $PY benchmarks/bench_compensate.py --threads $T
+run "Search to targets, sample 4x512, onnxruntime (issue 4)" $PY benchmarks/bench_search.py --models sample --runtimes onnxruntime --threads $T
 run "Cost model accuracy, onnxruntime (issue 4)" $PY benchmarks/bench_cost_model.py --runtimes onnxruntime --n 20 --threads $T
