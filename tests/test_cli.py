@@ -19,8 +19,10 @@ SAMPLE = ROOT / "samples" / "tinyllama-py"
 FAST = ["--shape", "2x32", "--repeats", "2", "--rounds", "1", "--seq-len", "64", "-q"]
 
 
-def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def cli(
+    *args: str, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     env.pop("TRIMFORMER_DEBUG", None)
     return subprocess.run(
         [sys.executable, "-m", "trimformer.cli", *map(str, args)],
@@ -276,26 +278,12 @@ def test_fold_norm_repbn_recover_from_flags(tmp_path: Path) -> None:
 def test_profile_builds_the_cache_once(tmp_path: Path) -> None:
     env_cache = {"TRIMFORMER_CACHE": str(tmp_path / "cache")}
     args = ("profile", "--shape", "2x32", "--runtime", "both", "--threads", "1", "--json", "-q")
-    first = subprocess.run(
-        [sys.executable, "-m", "trimformer.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **env_cache},
-        cwd=ROOT,
-        timeout=300,
-    )
+    first = cli(*args, timeout=300, env=env_cache)
     assert first.returncode == 0, first.stderr
     rows = {r["runtime"]: r for r in json.loads(first.stdout)}
     assert set(rows) == {"torch", "onnxruntime"}
     for r in rows.values():
         assert r["entries_needed"] > 10 and r["entries_measured"] == r["entries_needed"]
         assert Path(r["path"]).is_file() and str(tmp_path) in r["path"]
-    again = subprocess.run(
-        [sys.executable, "-m", "trimformer.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **env_cache},
-        cwd=ROOT,
-        timeout=300,
-    )
+    again = cli(*args, timeout=300, env=env_cache)
     assert [r["entries_measured"] for r in json.loads(again.stdout)] == [0, 0]
