@@ -60,6 +60,7 @@ from trimformer.passes.base import Context  # noqa: E402
 from trimformer.passes.sparse_attention import (  # noqa: E402
     SparseAttentionConfig,
     _lost_matrix,
+    choose,
     plan,
     score,
     sparsify_attention,
@@ -202,6 +203,25 @@ def bench_op(threads: int) -> None:
 # ----------------------------------------------------------------------------- (b) the model
 
 
+def _estimates(
+    config: SparseAttentionConfig, around: dict, mass: dict, cands: list
+) -> tuple[float, float]:
+    """A config's first-order loss change relative to the uniform window (estimated at the
+    uniform model, summed over heads) and its mean lost attention mass, from the scores on all
+    calibration batches, whatever objective chose it."""
+    est = lost = 0.0
+    heads = 0
+    for b in around["blocks"]:
+        n = around["heads"][b]
+        windows = config.heads.get(b, [(config.alpha, config.beta)] * n)
+        for h, w in enumerate(windows):
+            c = cands.index(tuple(float(x) for x in w))
+            est += float(np.asarray(around["loss"][b])[h, :, c].mean())
+            lost += 1.0 - float(np.asarray(mass["kept"][b])[h, :, c].mean())
+            heads += 1
+    return est, lost / heads
+
+
 def _plan_variants(
     kind: str,
     gm: torch.fx.GraphModule,
@@ -254,17 +274,40 @@ def _plan_variants(
                 max_windows_per_layer=k,
                 floor=FLOOR,
             )
-            # the plan's loss change relative to the uniform window, estimated at the uniform
-            # model, whatever objective chose it
-            est = sum(
-                float(np.asarray(around["loss"][b])[h, :, cands.index(tuple(w))].mean())
-                for b, ws in config.heads.items()
-                for h, w in enumerate(ws)
-            )
+            est, _ = _estimates(config, around, mass, cands)
             variants[f"{label} @ {matched[-1]:.2f}"] = (
                 config,
                 {"density": report["plan"]["density"], "lost": report["plan"]["lost"], "cost": est},
             )
+        # MoA's selection (`choose`): profile on 3/4 of the calibration batches, solve a family
+        # of plans at the uniform window's density, keep the one with the least measured loss
+        # on the held-back quarter (the uniform window included, so "auto" may keep it).
+        config, chosen = choose(
+            gm, structure, ctx, density=budget, sink=SINK, lengths=lengths, floor=FLOOR
+        )
+        by_label = {r["label"]: r for r in chosen["plans"]}
+        per_head = min(
+            (r for r in chosen["plans"] if r["label"].startswith("per-head")),
+            key=lambda r: r["validation_loss"],
+            default=None,
+        )
+        for label, r in (
+            ("validated (auto)", by_label[chosen["chosen"]]),
+            ("validated per-head", per_head),
+        ):
+            if r is None:
+                continue
+            conf = SparseAttentionConfig.model_validate(r["config"])
+            est, lost = _estimates(conf, around, mass, cands)
+            variants[f"{label}: {r['label']} @ {matched[-1]:.2f}"] = (
+                conf,
+                {"density": r["density"], "lost": lost, "cost": est},
+            )
+        print(
+            f"choose @ {budget}: "
+            + "; ".join(f"{r['label']} {r['validation_loss']:.5f}" for r in chosen["plans"]),
+            file=sys.stderr,
+        )
     out = {}
     for name, (config, info) in variants.items():
         g = copy.deepcopy(gm)
@@ -274,7 +317,11 @@ def _plan_variants(
 
 
 def bench_model(
-    threads: int, seq: int, plans: Path | None, budgets: tuple[float, ...] = (0.25, 0.5)
+    threads: int,
+    seq: int,
+    plans: Path | None,
+    budgets: tuple[float, ...] = (0.25, 0.5),
+    draw: int = 0,
 ) -> None:
     path = DEFAULT_SAMPLE
     while not (path / "model.safetensors").is_file():
@@ -289,9 +336,12 @@ def bench_model(
     t0 = time.perf_counter()
     gm = capture(loaded, example[0].inputs)
     # 16k calibration tokens at every length; all of the held-out text.
+    per_draw = CALIB_TOKENS // (2 * seq)
     calib = quality.make_text_batches(
-        tok, split.calibration, batch_size=2, seq_len=seq, max_batches=CALIB_TOKENS // (2 * seq)
-    )
+        tok, split.calibration, batch_size=2, seq_len=seq, max_batches=per_draw * (draw + 1)
+    )[per_draw * draw :]
+    if len(calib) < per_draw:
+        raise SystemExit(f"calibration draw {draw}: only {len(calib)} batches of 2x{seq} left")
     held = quality.make_text_batches(
         tok, split.heldout, batch_size=2, seq_len=seq, max_batches=4096 // seq
     )
@@ -413,6 +463,13 @@ def main() -> None:
     ap.add_argument(
         "--seq", type=int, nargs="+", default=[1024, 256], help="model part: sequence lengths"
     )
+    ap.add_argument(
+        "--draw",
+        type=int,
+        default=0,
+        help="model part: which disjoint 16k-token slice of the calibration text to calibrate "
+        "on (0 = the first; 1 = the next, a second draw)",
+    )
     args = ap.parse_args()
     np.random.seed(0)
     torch.manual_seed(0)
@@ -421,7 +478,7 @@ def main() -> None:
         bench_op(args.threads)
     if args.part in ("model", "all"):
         for seq in args.seq:  # 1024: the full context; 256: the length the sample was trained at
-            bench_model(args.threads, seq, args.plans)
+            bench_model(args.threads, seq, args.plans, draw=args.draw)
 
 
 if __name__ == "__main__":

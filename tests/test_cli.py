@@ -275,6 +275,43 @@ def test_fold_norm_repbn_recover_from_flags(tmp_path: Path) -> None:
     assert [p["name"] for p in recipe["passes"]][-3:] == ["repbn", "recover", "fold-norm"]
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--sparse-attention", "1.5"], "give a density in (0, 1]"),
+        (["--sparse-attention", "0.5", "--sparse-windows", "some"], "use auto, per-head"),
+        (["--sparse-attention", "0.5", "--prune-heads", "0.5"], "--prune-heads renumber"),
+    ],
+)
+def test_sparse_attention_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
+    res = cli("optimize", *args, "--out", tmp_path / "out")
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and needle in res.stderr
+
+
+def test_sparse_attention_from_flags_exports_and_replays(tmp_path: Path) -> None:
+    out = tmp_path / "sparse"
+    res = cli(
+        "optimize", "--sparse-attention", "0.6", "--drop-attention", "1", "--out", out,
+        *FAST[:-2], "128", "-q",  # windows of 16+ tokens at N = 64 and 128 fit the budget
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["cleanup", "drop", "sparse-attention"]
+    sparse = report["passes"][-1]
+    assert sparse["changes"]["attention_rewritten"] == 5  # six blocks, one attention dropped
+    chosen = sparse["importance"]
+    assert chosen["plans"][0]["label"].startswith("uniform")
+    assert chosen["chosen"] == min(chosen["plans"], key=lambda p: p["validation_loss"])["label"]
+    assert len(report["exports"]["onnx"]["verification"]["shapes"]) >= 2  # local form in ORT
+    assert "sparse-attention: windows at density 0.6" in cli("inspect", out).stdout
+    again = tmp_path / "again"
+    res = cli("apply", out / "recipe.yaml", "--out", again, "--runtime", "torch", *FAST[:6])
+    assert res.returncode == 0, res.stderr
+    replayed = json.loads((again / "report.json").read_text())["passes"][-1]["changes"]
+    assert replayed["rewritten"] == sparse["changes"]["rewritten"]  # same windows, every block
+
+
 def test_profile_builds_the_cache_once(tmp_path: Path) -> None:
     env_cache = {"TRIMFORMER_CACHE": str(tmp_path / "cache")}
     args = ("profile", "--shape", "2x32", "--runtime", "both", "--threads", "1", "--json", "-q")

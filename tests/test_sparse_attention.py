@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -55,6 +56,7 @@ from trimformer.passes.sparse_attention import (  # noqa: E402
     _kept_mass,
     _loss_change,
     _next_token_loss,
+    choose,
     plan,
     score,
     sparsify_attention,
@@ -531,6 +533,55 @@ def test_milp_plan_beats_uniform_window_at_equal_density(llama: Tiny) -> None:
     gm = llama.fresh()
     changes = sparsify_attention(gm, discover(gm), config, llama.ctx())
     assert changes["attention_rewritten"] == LAYERS
+
+
+def _four_batches(t: Tiny) -> Context:
+    return Context(kind=t.loaded.kind, batches=[_ids(2, 70, seed=10 + s) for s in range(4)])
+
+
+def test_choose_keeps_the_plan_with_the_least_measured_validation_loss(llama: Tiny) -> None:
+    ctx = _four_batches(llama)
+    config, report = choose(
+        llama.gm, discover(llama.gm), ctx, density=0.5, sink=2, lengths=[35, 70], min_window=4
+    )
+    plans = report["plans"]
+    assert report["profile_batches"] == 3 and report["validation_batches"] == 1
+    assert plans[0]["label"].startswith("uniform")  # the baseline is always validated
+    assert any(p["label"].startswith("per-head") for p in plans)
+    assert any(p["label"].startswith("per-layer") for p in plans)
+    best = min(plans, key=lambda p: p["validation_loss"])
+    assert report["chosen"] == best["label"]
+    assert SparseAttentionConfig.model_validate(best["config"]) == config
+    # equal density: every plan spends within [0.97, 1] x the uniform window's density
+    uniform = report["uniform"]["density"]
+    for p in plans:
+        assert all(
+            0.97 * u - 1e-9 <= d <= u + 1e-9 for d, u in zip(p["density"], uniform, strict=True)
+        )
+    # the validation loss is the real next-token loss of the config on the held-back batch
+    gm = llama.fresh()
+    sparsify_attention(gm, discover(gm), config, ctx)
+    held = ctx.batches[-1]
+    with torch.no_grad():
+        real = float(_next_token_loss(gm(**held), held))
+    assert real == pytest.approx(best["validation_loss"], rel=1e-6)
+    # distinct plans only, told apart by what every head computes
+    assert len({json.dumps(p["config"], sort_keys=True) for p in plans}) == len(plans)
+
+
+def test_choose_for_an_encoder_and_the_uniform_and_bad_budgets(bert: Tiny) -> None:
+    ctx = _four_batches(bert)
+    structure = discover(bert.gm)
+    common = dict(sink=2, lengths=[35, 70], min_window=4)
+    config, report = choose(bert.gm, structure, ctx, density=0.5, **common)
+    assert all(p["validation_loss"] >= 0.0 for p in report["plans"])  # 1 - cosine with dense
+    config, report = choose(bert.gm, structure, ctx, density=0.5, windows="uniform", **common)
+    assert not config.heads and len(report["plans"]) == 1
+    assert (config.alpha, config.beta) == (report["uniform"]["alpha"], report["uniform"]["beta"])
+    with pytest.raises(PassError, match="density budget"):
+        choose(bert.gm, structure, ctx, density=1.5, **common)
+    with pytest.raises(PassError, match="no candidate window fits density"):
+        choose(bert.gm, structure, ctx, density=0.01, **common)
 
 
 # ----------------------------------------------------------------------------- cost model, .pt2

@@ -218,10 +218,14 @@ def manual_steps(
     repbn_steps: int | None = None,
     recover: str | None = None,
     recover_steps: int | None = None,
+    sparse: float | None = None,
+    sparse_windows: str = "auto",
+    sink: int = 4,
 ) -> list[Any]:
     """Resolve the manual pass flags into steps, in this order: cleanup, prune, drop, skip,
-    repbn (trains), recover (trains; after the lossy passes, so it repairs them), fold-norm
-    (exact, last graph edit: it folds what the others left), int8 (an export stage)."""
+    sparse-attention (windows planned on the original graph), repbn (trains), recover (trains;
+    after the lossy passes, so it repairs them), fold-norm (exact, last graph edit: it folds
+    what the others left), int8 (an export stage)."""
     from trimformer.optimizer.pipeline import Step
     from trimformer.passes import PASSES
     from trimformer.passes import drop as drop_pass
@@ -243,6 +247,17 @@ def manual_steps(
         steps.append(Step(PASSES["drop"], config, importance=scores))
     if skip:
         steps.append(Step(PASSES["skip"], PASSES["skip"].config(speedup=skip)))
+    if sparse:
+        from trimformer.passes import sparse_attention
+
+        progress(
+            f"choosing attention windows at density {sparse:g} ({sparse_windows}; profile, "
+            "solve, validate)"
+        )
+        config, chosen = sparse_attention.choose(
+            prep.gm, prep.structure, prep.ctx, density=sparse, sink=sink, windows=sparse_windows
+        )
+        steps.append(Step(PASSES["sparse-attention"], config, importance=chosen))
     if repbn:
         conf = PASSES["repbn"].config()
         if repbn_steps:  # λ decays over the first 3/4 of the steps, as in the defaults
@@ -352,6 +367,19 @@ def optimize(
     recover_steps: Annotated[
         int | None, typer.Option(help="Most recover steps (default 100; early stop).")
     ] = None,
+    sparse_attention: Annotated[
+        float | None,
+        typer.Option(
+            help="Replace attention by sink + sliding-window attention keeping this share of "
+            "the attention pairs (e.g. 0.25); windows per head are profiled on the calibration "
+            "text at --seq-len and validated against the uniform window (MoA). Pays off at long "
+            "sequences: give --seq-len and --shape at the length you serve."
+        ),
+    ] = None,
+    sparse_windows: Annotated[
+        str, typer.Option(help="auto (validated best), per-head, per-layer or uniform.")
+    ] = "auto",
+    sink: Annotated[int, typer.Option(help="sparse-attention: first tokens every query sees.")] = 4,
     shape: Annotated[str, typer.Option(help="BATCHxSEQ to measure latency at.")] = "8x128",
     runtime: Annotated[
         str, typer.Option(help="torch, onnxruntime, or both (the search targets torch then).")
@@ -410,7 +438,32 @@ def optimize(
         if steps_ is not None and steps_ < 1:
             _fail(f"--{flag}-steps {steps_}: give at least 1 step", 2)
     manual = bool(counts) or bool(prune_heads) or bool(prune_neurons) or bool(skip) or int8
-    manual = manual or fold_norm or repbn or bool(recover)
+    manual = manual or fold_norm or repbn or bool(recover) or sparse_attention is not None
+    if sparse_attention is not None:
+        if not 0.0 < sparse_attention <= 1.0:
+            _fail(f"--sparse-attention {sparse_attention}: give a density in (0, 1], e.g. 0.25", 2)
+        if sparse_windows not in ("auto", "per-head", "per-layer", "uniform"):
+            _fail(
+                f"--sparse-windows {sparse_windows!r}: use auto, per-head, per-layer or uniform", 2
+            )
+        if sink < 0:
+            _fail(f"--sink {sink}: give 0 or more tokens", 2)
+        clash = [
+            f
+            for f, on in (
+                ("--prune-heads", prune_heads),
+                ("--drop-blocks", drop_blocks),
+                ("--skip", skip),
+            )
+            if on
+        ]
+        if clash:
+            _fail(
+                f"--sparse-attention plans windows per head and block of the original model; "
+                f"{', '.join(clash)} renumber(s) them: run it in a second optimize on the result "
+                "(optimize RUN/model.pt2 --sparse-attention ...)",
+                2,
+            )
     if manual and target_speedup is not None:
         _fail("give either --target-speedup or manual pass flags, not both", 2)
     if not manual and target_speedup is None:
@@ -481,6 +534,9 @@ def optimize(
             repbn_steps=repbn_steps,
             recover=recover,
             recover_steps=recover_steps,
+            sparse=sparse_attention,
+            sparse_windows=sparse_windows,
+            sink=sink,
         )
     if dry_run:
         recipe = Recipe(model=str(loaded.source), shape=shape, passes=[s.to_entry() for s in steps])

@@ -59,6 +59,7 @@ density it is a feasible point of the program, so the plan's estimated cost is n
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -70,7 +71,7 @@ from torch import fx
 
 from trimformer.errors import PassError
 from trimformer.graph.rewrite import args_of, finish, tap
-from trimformer.graph.structure import Attention, Structure
+from trimformer.graph.structure import Attention, Structure, discover
 from trimformer.kernels.local_attention import (
     LOCAL_ATTENTION,
     dense_pairs,
@@ -791,6 +792,209 @@ def plan(
             "density": [float(dens[li, c]) for li in range(len(budget))],
         }
     return config, report
+
+
+# ----------------------------------------------------------------------------- validation
+
+PlanKind = Literal["auto", "per-head", "per-layer", "uniform"]
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def validation_loss(
+    gm: fx.GraphModule,
+    kind: str,
+    batches: Sequence[dict[str, torch.Tensor]],
+    refs: Sequence[torch.Tensor] | None = None,
+) -> float:
+    """What a plan is validated by, measured (not estimated) on `batches`: the mean next-token
+    loss for causal LMs; otherwise 1 - cosine of the output with `refs` (the dense model's
+    outputs) over the real tokens."""
+    total = 0.0
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            out = _first_tensor(gm(**batch))
+            if kind == "causal-lm":
+                total += float(_next_token_loss(out, batch))
+                continue
+            if refs is None:
+                raise PassError("sparse-attention: validating an encoder needs dense references")
+            ref = refs[i]
+            cos = torch.nn.functional.cosine_similarity(out.float(), ref.float(), dim=-1)
+            real = batch.get("attention_mask")
+            if real is not None and cos.shape == real.shape:
+                cos = cos[real.bool()]
+            total += float(1.0 - cos.mean())
+    return total / max(1, len(batches))
+
+
+def _split(batches: list[dict[str, torch.Tensor]]) -> tuple[list, list]:
+    """(profile, validation): the last quarter of the batches (at least one) validates; a
+    single batch does both."""
+    if len(batches) < 2:
+        return batches, batches
+    v = max(1, len(batches) // 4)
+    return batches[:-v], batches[-v:]
+
+
+def choose(
+    gm: fx.GraphModule,
+    structure: Structure,
+    ctx: Context,
+    *,
+    density: float,
+    sink: int = 4,
+    windows: PlanKind = "auto",
+    lengths: Sequence[int] | None = None,
+    candidates: Sequence[Window] | None = None,
+    min_window: int = 16,
+    floor: float = 0.97,
+    trusts: Sequence[float | None] = (1.5, 2.0, 4.0),
+) -> tuple[SparseAttentionConfig, dict[str, Any]]:
+    """Windows under a density budget, chosen as MoA chooses: profile, solve, then validate.
+
+    1. Profile on the first three quarters of the calibration batches (`score`): kept mass,
+       and for causal LMs the first-order loss change expanded at the uniform window w0 that
+       fills `density` (`uniform_choice`).
+    2. Solve `plan` for a family of plans at the uniform window's own density (within
+       [floor, 1] x it at every profiled length): objective loss (causal LMs) and mass, trust
+       regions `trusts` around w0, one window per layer (K = 1) and MoA's two (K = 2).
+    3. Measure every distinct plan, and the uniform window itself, on the held-back quarter
+       (`validation_loss`: the real next-token loss, or 1 - cosine with the dense output for
+       encoders) and keep the lowest. MoA validates its Pareto plans the same way (perplexity
+       on a held-out split at an unseen length) because the first-order estimate is only a
+       guide: on the sample at 1024 tokens it ranks plans that are worse than uniform as better
+       (benchmarks/RESULTS-sparse-attention.md).
+
+    `windows`: "auto" (every family member and uniform), "per-head" (K = 2 plans only),
+    "per-layer" (K = 1 only) or "uniform" (the uniform window, nothing solved or validated).
+    Returns the config and a report: the budget, the uniform window, every validated plan
+    (label, density, estimated cost, validation loss) and the chosen label.
+    """
+    if not 0.0 < density <= 1.0:
+        raise PassError(f"sparse-attention: density budget {density} is not in (0, 1]")
+    if windows not in ("auto", "per-head", "per-layer", "uniform"):
+        raise PassError(
+            f"sparse-attention: windows {windows!r}: use auto, per-head, per-layer or uniform"
+        )
+    profile, held = _split(list(ctx.batches))
+    pctx = Context(kind=ctx.kind, batches=profile)
+    common: dict[str, Any] = dict(
+        sink=sink, lengths=lengths, candidates=candidates, min_window=min_window
+    )
+    mass = score(gm, structure, pctx, objective="mass", **common)
+    budget = _budgets(mass, density)
+    uni = uniform_choice(mass, budget)
+    if uni is None:
+        smallest = float(np.asarray(mass["density"]).max(axis=0).min())
+        raise PassError(
+            f"sparse-attention: no candidate window fits density {density} at lengths "
+            f"{mass['lengths']} (the sparsest needs {smallest:.3f}); raise the budget, lower "
+            "min_window or calibrate on longer sequences (--seq-len)"
+        )
+    cands = [tuple(c) for c in mass["candidates"]]
+    alpha, beta = cands[uni[0]]
+    matched = [float(d[uni[0]]) for d in mass["density"]]
+    family: dict[str, tuple[SparseAttentionConfig, dict[str, Any]]] = {
+        f"uniform {alpha:g}+{beta:g}N": (
+            SparseAttentionConfig(sink=sink, alpha=alpha, beta=beta),
+            {"density": matched, "estimate": 0.0},
+        )
+    }
+    if windows != "uniform":
+        sources = [("mass", {**mass, "around": [alpha, beta]})]
+        if ctx.kind == "causal-lm":
+            loss = score(gm, structure, pctx, objective="loss", around=(alpha, beta), **common)
+            sources.insert(0, ("loss", loss))
+        ks = {"auto": (1, 2), "per-head": (2,), "per-layer": (1,)}[windows]
+        # plans are told apart by the windows they give every head (a per-head plan whose
+        # heads all got the uniform window is the uniform window)
+        seen = {_canonical(SparseAttentionConfig(sink=sink, alpha=alpha, beta=beta), mass["heads"])}
+        for objective, scores in sources:
+            # kept mass is not an expansion, so it is also solved without a trust region
+            for trust in trusts if objective == "loss" else (*trusts, None):
+                for k in ks:
+                    try:
+                        config, rep = plan(
+                            gm,
+                            structure,
+                            pctx,
+                            density=matched,
+                            scores=scores,
+                            trust=trust,
+                            max_windows_per_layer=k,
+                            floor=floor,
+                        )
+                    except PassError:
+                        continue  # no plan in this trust region at this density
+                    key = _canonical(config, mass["heads"])
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    label = (
+                        f"{'per-layer' if k == 1 else 'per-head'} ({objective}, "
+                        f"trust {trust if trust is not None else 'none'})"
+                    )
+                    family[label] = (
+                        config,
+                        {"density": rep["plan"]["density"], "estimate": rep["plan"]["cost"]},
+                    )
+        if windows != "auto":
+            family = {k: v for k, v in family.items() if not k.startswith("uniform")} or family
+    refs = None
+    if ctx.kind != "causal-lm":
+        with torch.no_grad():
+            refs = [_first_tensor(gm(**b)) for b in held]
+    validated = []
+    for label, (config, info) in family.items():
+        g = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        sparsify_attention(g, discover(g), config, pctx)
+        validated.append(
+            {
+                "label": label,
+                **info,
+                "validation_loss": validation_loss(g, ctx.kind, held, refs),
+                "config": config,
+            }
+        )
+    best = min(validated, key=lambda r: r["validation_loss"])
+    report = {
+        "budget": density,
+        "lengths": mass["lengths"],
+        "profile_batches": len(profile),
+        "validation_batches": len(held),
+        "validated_on_profile_batches": held is profile,
+        "uniform": {"alpha": alpha, "beta": beta, "density": matched},
+        "plans": [
+            {k: v for k, v in r.items() if k != "config"}
+            | {"windows": _describe(r["config"]), "config": r["config"].model_dump(mode="json")}
+            for r in validated
+        ],
+        "chosen": best["label"],
+    }
+    return best["config"], report
+
+
+def _canonical(config: SparseAttentionConfig, heads: dict[int, int]) -> tuple:
+    """Every head's (alpha, beta), block by block: equal for configs that compute the same."""
+    uniform = (float(config.alpha), float(config.beta))
+    return tuple(
+        tuple(tuple(map(float, w)) for w in config.heads.get(b, [uniform] * n))
+        for b, n in sorted(heads.items())
+    )
+
+
+def _describe(config: SparseAttentionConfig) -> dict[str, list[str]] | str:
+    """Windows per block as text, e.g. {0: ['0+0.125N', '16+0.25N']} (or the uniform one)."""
+    if not config.heads:
+        return f"{config.alpha:g}+{config.beta:g}N"
+    return {
+        str(b): sorted({f"{a:g}+{bt:g}N" for a, bt in pairs}) for b, pairs in config.heads.items()
+    }
 
 
 SPEC = PassSpec(

@@ -123,11 +123,14 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
     console.print(t)
     for p in report["passes"]:
         imp = p.get("importance") or {}
-        if not imp:
+        if imp.get("plans"):
+            console.print(windows_table(imp))
+            continue
+        units = [u for u in ("attention", "mlp", "blocks") if imp.get(u)]
+        if not units:
             continue
         it = Table(title=f"{p['name']}: importance by block (1 - cos, higher = more important)")
         it.add_column("block", justify="right")
-        units = [u for u in ("attention", "mlp", "blocks") if imp.get(u)]
         for u in units:
             it.add_column(u, justify="right")
         idx = sorted({int(k) for u in units for k in imp[u]})
@@ -151,6 +154,37 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
     if "onnx" in ex:
         ver = ex["onnx"]["verification"]
         console.print(f"ONNX verified in onnxruntime: {json.dumps(ver)[:300]}")
+
+
+def windows_table(choice: dict[str, Any]) -> Table:
+    """sparse-attention: every plan validated under the density budget; * marks the chosen."""
+    held = "the profile batches" if choice["validated_on_profile_batches"] else "held-back"
+    t = Table(
+        title=(
+            f"sparse-attention: windows at density {choice['budget']:g}, profiled at N = "
+            f"{choice['lengths']} on {choice['profile_batches']} batches, validated on "
+            f"{choice['validation_batches']} {held} calibration batch(es)"
+        )
+    )
+    for c in ("plan", "density", "estimate", "validation loss"):
+        t.add_column(c)
+    for r in choice["plans"]:
+        chosen = r["label"] == choice["chosen"]
+        windows = r["windows"]
+        if isinstance(windows, dict):
+            windows = "; ".join(f"{b}: {', '.join(w)}" for b, w in windows.items())
+        t.add_row(
+            ("[bold green]* [/bold green]" if chosen else "") + r["label"],
+            " / ".join(f"{d:.3f}" for d in r["density"]),
+            f"{r['estimate']:+.4f}",
+            f"{r['validation_loss']:.5f}",
+        )
+        if chosen:
+            t.caption = (
+                "estimate: first-order loss change vs uniform (loss) or attention mass lost "
+                f"(mass); chosen windows (alpha + beta N), by block: {windows}"
+            )
+    return t
 
 
 def search_table(search: dict[str, Any]) -> Table:
