@@ -647,3 +647,32 @@ def test_cli_int8_on_torch_writes_verified_pt2(tmp_path: Path) -> None:
         "torch/optimized",
         "torch/int8-eager",
     }
+
+
+def test_search_keeps_int8_alone_when_it_overshoots_at_less_loss(
+    minilm: Captured, batches: list[quality.Batch], tmp_path: Path
+) -> None:
+    """Target 1.05x on onnxruntime: int8 alone is faster than the band's top, and loses less on
+    calibration text than the sub-layer drops that would land in the band; the search verifies
+    it and keeps it instead of trading quality to land exactly in the band."""
+    from trimformer.graph.structure import discover
+    from trimformer.optimizer.search import BAND, Measurer, search
+    from trimformer.passes.base import Context
+
+    gm = copy.deepcopy(minilm.gm)
+    x = minilm.inputs
+    dyn = dynamic_shapes(minilm.loaded, x)
+    measurer = Measurer("onnxruntime", gm, x, dyn, x, "4x32", 1, tmp_path, 3, 2)
+    ctx = Context(kind="encoder", batches=[b.inputs for b in batches], teacher=gm)
+    target = 1.05
+    res = search(
+        "encoder", gm, discover(gm), ctx, batches, batches, measurer, target, {"drop", "int8"},
+        lambda m: None,
+    )  # fmt: skip
+    assert res.int8 is not None and 1 / res.int8["factor"] > BAND[1] * target  # the premise
+    drop_losses = [c.proxy for c in res.candidates if not c.plan.int8 and c.proxy is not None]
+    assert drop_losses and min(drop_losses) > res.int8["proxy_quality_loss"]  # the premise
+    assert res.chosen.label == "int8" and res.chosen.measured_ms is not None
+    assert res.reached and "int8 alone" in res.note
+    assert res.baseline_ms / res.chosen.measured_ms > BAND[1] * target  # kept past the band
+    assert res.to_dict()["note"] == res.note

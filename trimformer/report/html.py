@@ -134,7 +134,8 @@ def render_html(report: dict[str, Any]) -> str:
         parts.append(
             f"<p>target {s['target']}x on {s['runtime']}: baseline {s['baseline_ms']:.1f} ms, goal "
             f"{s['goal_ms']:.1f} ms; {'reached' if s['reached'] else 'not reached: ' + s['reason']}"
-            f" in {s['seconds']:.0f} s. Chosen: {html.escape(s['chosen']['label'])}</p>"
+            f" in {s['seconds']:.0f} s. Chosen: {html.escape(s['chosen']['label'])}"
+            f"{'. ' + html.escape(s['note']) if s.get('note') else ''}</p>"
         )
         parts.append(f"<img alt='quality vs speedup' src='{_frontier(s)}'>")
         parts.append(

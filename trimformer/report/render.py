@@ -195,7 +195,8 @@ def search_table(search: dict[str, Any]) -> Table:
             f"{search['baseline_ms']:.1f} ms, goal {search['goal_ms']:.1f} ms, "
             f"{'reached' if search['reached'] else 'NOT reached: ' + search['reason']}, "
             f"{search['seconds']:.0f} s"
-        )
+        ),
+        caption=search.get("note") or None,
     )
     for c in ("plan", "pred. x", "meas. x", "calib. loss", "held-out"):
         t.add_column(c)
