@@ -151,9 +151,10 @@ def searches(
                 q = c.quality[metric] if c.quality else float("nan")
                 i8 = res.int8
                 i8_text = f"{1 / i8['factor']:.2f}x" if i8 else "-"
+                band = ("above, kept" if res.note else "yes") if res.reached else "no"
                 row = (
                     f"| {name} | {shape} | {runtime} | {target} | {mode} | {measured:.2f}x | "
-                    f"{'yes' if res.reached else 'no'} | {metric} {base_q:.3f} -> {q:.3f} | "
+                    f"{band} | {metric} {base_q:.3f} -> {q:.3f} | "
                     f"{i8_text} | {secs:.0f} | {c.label} |"
                 )
                 print(row, flush=True)
