@@ -242,34 +242,15 @@ def run(
         int8_steps = [s for s in steps if s.spec.name == "int8"]
         int8_quality = None
         torch_int8: TorchInt8 | None = None
+        if int8_steps:
+            stage = Int8Stage(
+                loaded, optimized, int8_steps[-1].config, sample, dyn, prepared, reference, tmp,
+                opts, progress,
+            )  # fmt: skip
         if int8_steps and opts.onnx:
-            ort_program, int8_quality, exports["int8"] = _int8_stage(
-                loaded,
-                optimized,
-                int8_steps[-1].config,
-                sample,
-                dyn,
-                prepared,
-                reference,
-                tmp,
-                opts,
-                progress,
-            )
+            ort_program, int8_quality, exports["int8"] = _int8_stage(stage)
         if int8_steps and "torch" in opts.runtimes:
-            torch_int8 = _torch_int8_stage(
-                loaded,
-                optimized,
-                int8_steps[-1].config,
-                sample,
-                dyn,
-                prepared,
-                reference,
-                tmp,
-                opts,
-                meta,
-                at_shape,
-                progress,
-            )
+            torch_int8 = _torch_int8_stage(stage, meta, at_shape)
             exports["int8_torch"] = torch_int8.export
         if int8_steps and not opts.onnx and "torch" not in opts.runtimes:
             raise TrimformerError(
@@ -321,20 +302,34 @@ def run(
     return report
 
 
-def _int8_stage(
-    loaded: Loaded,
-    optimized: fx.GraphModule,
-    config: Any,
-    sample: dict[str, torch.Tensor],
-    dyn: dict[str, Any],
-    prepared: Prepared,
-    reference: list[torch.Tensor],
-    tmp: Path,
-    opts: RunOptions,
-    progress: Progress,
-) -> tuple[Path, quality.QualityResult, dict[str, Any]]:
+@dataclass
+class Int8Stage:
+    """What both int8 stages read: the edited graph, its int8 config, the run's data."""
+
+    loaded: Loaded
+    optimized: fx.GraphModule
+    config: Any  # the int8 pass config
+    sample: dict[str, torch.Tensor]
+    dyn: dict[str, Any]
+    prepared: Prepared
+    reference: list[torch.Tensor]  # the original's outputs on the evaluation batches
+    tmp: Path
+    opts: RunOptions
+    progress: Progress
+
+
+def _int8_stage(st: Int8Stage) -> tuple[Path, quality.QualityResult, dict[str, Any]]:
     """Quantize the ONNX program, verify it (cosine), and measure its quality in onnxruntime."""
     from trimformer.export.int8 import OrtModule, export_int8, verify_int8
+
+    loaded, optimized, config, sample, dyn = st.loaded, st.optimized, st.config, st.sample, st.dyn
+    prepared, reference, tmp, opts, progress = (
+        st.prepared,
+        st.reference,
+        st.tmp,
+        st.opts,
+        st.progress,
+    )
 
     progress("exporting model.int8.onnx (attention lowered, dynamic int8) and verifying it")
     path = tmp / "model.int8.onnx"
@@ -359,18 +354,7 @@ class TorchInt8:
 
 
 def _torch_int8_stage(
-    loaded: Loaded,
-    optimized: fx.GraphModule,
-    config: Any,
-    sample: dict[str, torch.Tensor],
-    dyn: dict[str, Any],
-    prepared: Prepared,
-    reference: list[torch.Tensor],
-    tmp: Path,
-    opts: RunOptions,
-    meta: dict[str, Any],
-    at_shape: dict[str, torch.Tensor],
-    progress: Progress,
+    st: Int8Stage, meta: dict[str, Any], at_shape: dict[str, torch.Tensor]
 ) -> TorchInt8:
     """torchao int8 of the edited graph: export model.int8.pt2, reload, verify, evaluate, compile.
 
@@ -385,6 +369,14 @@ def _torch_int8_stage(
     )
     from trimformer.export.pt2 import save_pt2
 
+    loaded, optimized, config, sample, dyn = st.loaded, st.optimized, st.config, st.sample, st.dyn
+    prepared, reference, tmp, opts, progress = (
+        st.prepared,
+        st.reference,
+        st.tmp,
+        st.opts,
+        st.progress,
+    )
     progress("exporting model.int8.pt2 (torchao int8 dynamic activation x int8 weight)")
     info = export_int8_program(optimized, sample, dyn, per_channel=config.per_channel)
     path = tmp / "model.int8.pt2"
