@@ -236,9 +236,12 @@ def test_int8_stage_is_verified_and_evaluated_in_onnxruntime(tmp_path: Path) -> 
         (["--repbn-steps", "3"], "--repbn-steps needs --repbn"),
         (["--recover", "lorax"], "use lora or full"),
         (["--recover", "lora", "--recover-steps", "0"], "at least 1 step"),
+        (["--sparse-attention", "1.5"], "give a density in (0, 1]"),
+        (["--sparse-attention", "0.5", "--sparse-windows", "some"], "use auto, per-head"),
+        (["--sparse-attention", "0.5", "--prune-heads", "0.5"], "--prune-heads renumber"),
     ],
 )
-def test_training_flags_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
+def test_pass_flags_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
     res = cli("optimize", *args, "--out", tmp_path / "out")
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and needle in res.stderr
@@ -273,20 +276,6 @@ def test_fold_norm_repbn_recover_from_flags(tmp_path: Path) -> None:
     assert fold["folded_count"] + fold["kept_count"] >= 1  # the final norm: folded or kept
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert [p["name"] for p in recipe["passes"]][-3:] == ["repbn", "recover", "fold-norm"]
-
-
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [
-        (["--sparse-attention", "1.5"], "give a density in (0, 1]"),
-        (["--sparse-attention", "0.5", "--sparse-windows", "some"], "use auto, per-head"),
-        (["--sparse-attention", "0.5", "--prune-heads", "0.5"], "--prune-heads renumber"),
-    ],
-)
-def test_sparse_attention_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
-    res = cli("optimize", *args, "--out", tmp_path / "out")
-    assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr and needle in res.stderr
 
 
 def test_sparse_attention_from_flags_exports_and_replays(tmp_path: Path) -> None:

@@ -317,28 +317,28 @@ class Int8Stage:
     opts: RunOptions
     progress: Progress
 
+    @property
+    def verification(self) -> list[dict[str, torch.Tensor]]:
+        return verification_inputs(self.loaded, self.sample)
+
+    def evaluate(self, model: Any) -> quality.QualityResult:
+        """The int8 program's quality on held-out data, against the original's outputs."""
+        return quality.evaluate(self.loaded.kind, model, self.prepared.evaluation, self.reference)
+
 
 def _int8_stage(st: Int8Stage) -> tuple[Path, quality.QualityResult, dict[str, Any]]:
     """Quantize the ONNX program, verify it (cosine), and measure its quality in onnxruntime."""
     from trimformer.export.int8 import OrtModule, export_int8, verify_int8
 
-    loaded, optimized, config, sample, dyn = st.loaded, st.optimized, st.config, st.sample, st.dyn
-    prepared, reference, tmp, opts, progress = (
-        st.prepared,
-        st.reference,
-        st.tmp,
-        st.opts,
-        st.progress,
-    )
-
-    progress("exporting model.int8.onnx (attention lowered, dynamic int8) and verifying it")
-    path = tmp / "model.int8.onnx"
+    st.progress("exporting model.int8.onnx (attention lowered, dynamic int8) and verifying it")
+    path = st.tmp / "model.int8.onnx"
+    c = st.config
     info = export_int8(
-        optimized, sample, dyn, path, per_channel=config.per_channel, weight_type=config.weight_type
+        st.optimized, st.sample, st.dyn, path, per_channel=c.per_channel, weight_type=c.weight_type
     )
-    check = verify_int8(path, optimized, verification_inputs(loaded, sample), threads=opts.threads)
-    progress("evaluating the int8 program in onnxruntime on held-out data")
-    q = quality.evaluate(loaded.kind, OrtModule(path, opts.threads), prepared.evaluation, reference)
+    check = verify_int8(path, st.optimized, st.verification, threads=st.opts.threads)
+    st.progress("evaluating the int8 program in onnxruntime on held-out data")
+    q = st.evaluate(OrtModule(path, st.opts.threads))
     return path, q, {**_asdict(info), "verification": _asdict(check)}
 
 
@@ -369,17 +369,10 @@ def _torch_int8_stage(
     )
     from trimformer.export.pt2 import save_pt2
 
-    loaded, optimized, config, sample, dyn = st.loaded, st.optimized, st.config, st.sample, st.dyn
-    prepared, reference, tmp, opts, progress = (
-        st.prepared,
-        st.reference,
-        st.tmp,
-        st.opts,
-        st.progress,
-    )
-    progress("exporting model.int8.pt2 (torchao int8 dynamic activation x int8 weight)")
-    info = export_int8_program(optimized, sample, dyn, per_channel=config.per_channel)
-    path = tmp / "model.int8.pt2"
+    config = st.config
+    st.progress("exporting model.int8.pt2 (torchao int8 dynamic activation x int8 weight)")
+    info = export_int8_program(st.optimized, st.sample, st.dyn, per_channel=config.per_channel)
+    path = st.tmp / "model.int8.pt2"
     pt2_meta = {
         **meta,
         "int8": {"runtime": "torch", "library": "torchao", "compile": config.compile},
@@ -388,17 +381,15 @@ def _torch_int8_stage(
     record: dict[str, Any] = {"path": path.name, "files": [path.name], **info.to_dict()}
     del info  # the program is read back from the file: what ships is what is checked
     program = load_int8_program(path).module()
-    check = verify_int8(
-        path, optimized, verification_inputs(loaded, sample), threads=opts.threads, model=program
-    )
-    progress("evaluating the torch int8 program on held-out data")
-    q = quality.evaluate(loaded.kind, program, prepared.evaluation, reference)
+    check = verify_int8(path, st.optimized, st.verification, threads=st.opts.threads, model=program)
+    st.progress("evaluating the torch int8 program on held-out data")
+    q = st.evaluate(program)
     record.update(bytes=path.stat().st_size, compile=config.compile, verification=_asdict(check))
     served: torch.nn.Module = program
     extra: dict[str, Any] = {}
     label = "model.int8.pt2 (eager)"
     if config.compile:
-        progress(f"torch.compile of the int8 program at {opts.shape} (its speed needs it)")
+        st.progress(f"torch.compile of the int8 program at {st.opts.shape} (its speed needs it)")
         compiled = compile_for_shape(program, at_shape)
         served, extra = compiled.module, {"int8-eager": program}
         record["compile_seconds"] = round(compiled.seconds, 1)
