@@ -556,11 +556,13 @@ def search(
             not int8_alone_tried
             and int8_loss is not None
             and int8_loss < current_proxy
-            and model.predict(alone) < base_ms / (BAND[1] * target)
+            and model.predict(alone) <= goal
         ):
-            # int8 alone is predicted past the band, and loses less on calibration data than
-            # the in-band plan the greedy found: landing in the band would cost quality for
-            # nothing, so it is verified first and kept if it reaches the target.
+            # int8 alone is predicted to reach the goal (in the band or past it) and loses less
+            # on calibration data than the plan the greedy found, which ranks moves by loss per
+            # millisecond and so can prefer several small structural cuts: int8 alone is
+            # verified first and kept if it reaches the target, even past the band (landing in
+            # the band would cost quality for nothing).
             int8_alone_tried = True
             verified += 1
             progress(
@@ -575,12 +577,15 @@ def search(
             candidates.append(cand)
             speedup = base_ms / c_ms
             progress(f"  measured {speedup:.3f}x (predicted {base_ms / cand.predicted_ms:.3f}x)")
-            if speedup >= BAND[0] * target:
+            if BAND[0] * target <= speedup <= BAND[1] * target:
+                best = cand
+                break
+            if speedup > BAND[1] * target:
                 best = cand
                 note = (
                     f"int8 alone measured {speedup:.3f}x, above the band "
                     f"[{BAND[0] * target:.3f}, {BAND[1] * target:.3f}], at calibration loss "
-                    f"{int8_loss:.4f}, less than {current_proxy:.4f} of the in-band plan "
+                    f"{int8_loss:.4f}, less than {current_proxy:.4f} of the greedy plan "
                     f"{describe(current)}: kept"
                 )
                 break
