@@ -151,15 +151,59 @@ class Model:
         return sum(seen.values())
 
 
-def _text_loaded(name: str, model: nn.Module, kind: str) -> Loaded:
+def tiny_text_model(
+    name: str, *, layers: int = LAYERS, vocab: int = VOCAB, max_pos: int = MAX_POS, seed: int = 0
+) -> Loaded:
+    """A tiny random-weight Hugging Face text model, wrapped like `load_checkpoint` wraps one:
+    "bert" (post-norm encoder, no pooler), "gpt2" (Conv1D, fused c_attn) or "llama" (GQA:
+    2 kv heads for 4 query heads, SwiGLU, RoPE). Test files share it instead of building their
+    own configs."""
+    torch.manual_seed(seed)
+    if name == "bert":
+        config = BertConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=layers,
+            num_attention_heads=HEADS,
+            intermediate_size=2 * HIDDEN,
+            vocab_size=vocab,
+            max_position_embeddings=max_pos,
+        )
+        model: nn.Module = BertModel(config, add_pooling_layer=False)
+        kind = "encoder"
+    elif name == "gpt2":
+        config = GPT2Config(
+            n_embd=HIDDEN,
+            n_layer=layers,
+            n_head=HEADS,
+            vocab_size=vocab,
+            n_positions=max_pos,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        model, kind = GPT2LMHeadModel(config), "causal-lm"
+    elif name == "llama":
+        config = LlamaConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=layers,
+            num_attention_heads=HEADS,
+            num_key_value_heads=HEADS // 2,  # GQA: repeat_kv shows up in the graph
+            intermediate_size=2 * HIDDEN,
+            vocab_size=vocab,
+            max_position_embeddings=max_pos,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        model, kind = LlamaForCausalLM(config), "causal-lm"
+    else:
+        raise ValueError(f"no tiny text model {name!r}: bert, gpt2 or llama")
     model.eval()
     return Loaded(
         module=TextModel(model, kind).eval(),  # type: ignore[arg-type]
         kind=kind,  # type: ignore[arg-type]
         source=Path(f"<tiny {name}>"),
-        config=model.config,
-        max_seq=MAX_POS,
-        vocab_size=VOCAB,
+        config=config,
+        max_seq=max_pos,
+        vocab_size=vocab,
     )
 
 
@@ -199,16 +243,7 @@ def _pre_norm(layer: str, attn: str, mlp: str, norm1: str, norm2: str) -> tuple[
 @pytest.fixture(scope="session")
 def bert() -> Model:
     """Post-norm encoder, no pooler (the wrapper returns the last hidden state)."""
-    torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=2 * HIDDEN,
-        vocab_size=VOCAB,
-        max_position_embeddings=MAX_POS,
-    )
-    loaded = _text_loaded("bert", BertModel(config, add_pooling_layer=False), "encoder")
+    loaded = tiny_text_model("bert")
     return _make(
         "bert", loaded, _BERT_HOOKS, _BERT_BRANCH, text_inputs(2, 8), text_inputs(3, 7, seed=1)
     )
@@ -238,17 +273,7 @@ def minilm() -> Model:
 @pytest.fixture(scope="session")
 def gpt2() -> Model:
     """Pre-norm causal LM: Conv1D (addmm, weight [in, out]), fused c_attn, tied lm_head."""
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_embd=HIDDEN,
-        n_layer=LAYERS,
-        n_head=HEADS,
-        vocab_size=VOCAB,
-        n_positions=MAX_POS,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    loaded = _text_loaded("gpt2", GPT2LMHeadModel(config), "causal-lm")
+    loaded = tiny_text_model("gpt2")
     hooks, branch = _pre_norm("transformer.h.{i}", "attn", "mlp", "ln_1", "ln_2")
     return _make("gpt2", loaded, hooks, branch, text_inputs(2, 8), text_inputs(3, 7, seed=1))
 
@@ -256,19 +281,7 @@ def gpt2() -> Model:
 @pytest.fixture(scope="session")
 def llama() -> Model:
     """Pre-RMSNorm causal LM with GQA (2 kv heads for 4 query heads), SwiGLU, RoPE."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS // 2,
-        intermediate_size=2 * HIDDEN,
-        vocab_size=VOCAB,
-        max_position_embeddings=MAX_POS,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    loaded = _text_loaded("llama", LlamaForCausalLM(config), "causal-lm")
+    loaded = tiny_text_model("llama")
     hooks, branch = _pre_norm(
         "model.layers.{i}", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm"
     )

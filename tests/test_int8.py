@@ -22,15 +22,9 @@ from torch.export import Dim
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import (  # noqa: E402 - after HF_HUB_OFFLINE
-    AutoTokenizer,
-    BertConfig,
-    BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+
+from conftest import HIDDEN, VOCAB, text_inputs, tiny_text_model  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402 - after HF_HUB_OFFLINE
 
 from trimformer.errors import TrimformerError, VerificationError  # noqa: E402
 from trimformer.export.int8 import (  # noqa: E402
@@ -43,76 +37,18 @@ from trimformer.export.int8 import (  # noqa: E402
     verify_int8,
 )
 from trimformer.export.onnx import export_onnx, verify_onnx  # noqa: E402
-from trimformer.graph.capture import Loaded, TextModel, capture, dynamic_shapes  # noqa: E402
+from trimformer.graph.capture import Loaded, capture, dynamic_shapes  # noqa: E402
 from trimformer.graph.ops import SDPA  # noqa: E402
 from trimformer.graph.rewrite import is_op, module_path  # noqa: E402
 from trimformer.optimizer import quality  # noqa: E402
 from trimformer.optimizer.text import python_docs_split  # noqa: E402
 
-HIDDEN = 64
 LAYERS = 2
-HEADS = 4
-VOCAB = 100
-MAX_POS = 64
 EXACT = 1e-5  # lowering is exact up to fp32 rounding
 
 
-def text_inputs(batch: int, seq: int, vocab: int = VOCAB, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random ids; the last row's final third is right padding (attention_mask 0)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (batch, seq), generator=g)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[-1, seq - max(1, seq // 3) :] = 0
-    ids[mask == 0] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def build(name: str, vocab: int = VOCAB, seed: int = 0) -> Loaded:
-    torch.manual_seed(seed)
-    if name == "bert":
-        config = BertConfig(
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=2 * HIDDEN,
-            vocab_size=vocab,
-            max_position_embeddings=MAX_POS,
-        )
-        model: nn.Module = BertModel(config, add_pooling_layer=False)
-        kind = "encoder"
-    elif name == "gpt2":
-        config = GPT2Config(
-            n_embd=HIDDEN,
-            n_layer=LAYERS,
-            n_head=HEADS,
-            vocab_size=vocab,
-            n_positions=MAX_POS,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        model, kind = GPT2LMHeadModel(config), "causal-lm"
-    else:
-        config = LlamaConfig(
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=HEADS // 2,  # GQA: repeat_kv shows up in the graph
-            intermediate_size=2 * HIDDEN,
-            vocab_size=vocab,
-            max_position_embeddings=MAX_POS,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        model, kind = LlamaForCausalLM(config), "causal-lm"
-    model.eval()
-    return Loaded(
-        module=TextModel(model, kind).eval(),  # type: ignore[arg-type]
-        kind=kind,  # type: ignore[arg-type]
-        source=Path(f"<tiny {name}>"),
-        config=config,
-        max_seq=MAX_POS,
-        vocab_size=vocab,
-    )
+    return tiny_text_model(name, layers=LAYERS, vocab=vocab, seed=seed)
 
 
 @dataclass

@@ -28,18 +28,13 @@ from torch.export import Dim
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import (  # noqa: E402 - after HF_HUB_OFFLINE
-    BertConfig,
-    BertModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from conftest import HEADS, VOCAB, tiny_text_model  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 from trimformer.errors import PassError  # noqa: E402
 from trimformer.export.onnx import export_onnx, verify_onnx  # noqa: E402
 from trimformer.graph import ops  # noqa: E402
-from trimformer.graph.capture import Loaded, TextModel, capture  # noqa: E402
+from trimformer.graph.capture import Loaded, capture  # noqa: E402
 from trimformer.graph.rewrite import is_op  # noqa: E402
 from trimformer.graph.structure import discover  # noqa: E402
 from trimformer.kernels import (  # noqa: E402
@@ -63,8 +58,7 @@ from trimformer.passes.sparse_attention import (  # noqa: E402
 )
 
 TOL = 1e-5
-HIDDEN, LAYERS, HEADS, VOCAB, MAX_POS = 64, 2, 4, 100, 128
-
+LAYERS, MAX_POS = 2, 128
 
 # ----------------------------------------------------------------------------- the op
 
@@ -286,39 +280,8 @@ def _ids(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _tiny(name: str) -> Tiny:
-    torch.manual_seed(0)
-    if name == "llama":
-        cfg = LlamaConfig(
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=HEADS // 2,
-            intermediate_size=2 * HIDDEN,
-            vocab_size=VOCAB,
-            max_position_embeddings=MAX_POS,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        model, kind, causal = LlamaForCausalLM(cfg), "causal-lm", True
-    else:
-        cfg = BertConfig(
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=2 * HIDDEN,
-            vocab_size=VOCAB,
-            max_position_embeddings=MAX_POS,
-        )
-        model, kind, causal = BertModel(cfg, add_pooling_layer=False), "encoder", False
-    model.eval()
-    loaded = Loaded(
-        module=TextModel(model, kind).eval(),  # type: ignore[arg-type]
-        kind=kind,  # type: ignore[arg-type]
-        source=Path(f"<tiny {name}>"),
-        config=cfg,
-        max_seq=MAX_POS,
-        vocab_size=VOCAB,
-    )
+    loaded = tiny_text_model(name, layers=LAYERS, max_pos=MAX_POS)
+    causal = name == "llama"
     inputs = _ids(2, 8, seed=0)
     return Tiny(name, loaded, capture(loaded, inputs), causal, inputs, _ids(3, 70, seed=1))
 
@@ -591,25 +554,7 @@ def test_cost_model_prediction_falls_when_the_window_shrinks(tmp_path) -> None:
     from trimformer.cost_model.predict import CostModel, Plan, node_costs
     from trimformer.cost_model.profile import DeviceProfile
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=VOCAB,
-        max_position_embeddings=2048,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    loaded = Loaded(
-        module=TextModel(model, "causal-lm").eval(),  # type: ignore[arg-type]
-        kind="causal-lm",
-        source=Path("<tiny llama 2048>"),
-        config=cfg,
-        max_seq=2048,
-        vocab_size=VOCAB,
-    )
+    loaded = tiny_text_model("llama", layers=1, max_pos=2048)
     gm = capture(loaded, _ids(2, 16, seed=0))
     at = _ids(1, 2048, seed=1)
     profile = DeviceProfile("torch", 1, tmp_path / "profile.json")
