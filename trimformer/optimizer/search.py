@@ -485,9 +485,13 @@ def search(
     reason = ""
     floor_metric = quality_floor
 
-    def greedy_until_goal(start: Plan, start_proxy: float) -> tuple[Plan, float]:
+    def greedy_until_goal(
+        start: Plan, start_proxy: float, stop_above: float | None = None
+    ) -> tuple[Plan, float]:
+        """Moves until the plan is predicted to reach the goal, or until its calibration loss
+        passes `stop_above` (then a cheaper way to the goal is known: int8 alone)."""
         plan, loss = start, start_proxy
-        while model.predict(plan) > goal:
+        while model.predict(plan) > goal and (stop_above is None or loss <= stop_above):
             now = model.predict(plan)
             moves = []
             for block, kind_ in blocks:
@@ -546,18 +550,18 @@ def search(
         )
     note = ""
     int8_alone_tried = False
+    alone = Plan(int8=True)
     while verified < max_verify:
-        current, current_proxy = greedy_until_goal(current, current_proxy)
+        int8_alone_reaches = (
+            not int8_alone_tried and int8_loss is not None and model.predict(alone) <= goal
+        )
+        current, current_proxy = greedy_until_goal(
+            current, current_proxy, int8_loss if int8_alone_reaches else None
+        )
         if current == Plan():
             reason = "no pass move is available or allowed"
             break
-        alone = Plan(int8=True)
-        if (
-            not int8_alone_tried
-            and int8_loss is not None
-            and int8_loss < current_proxy
-            and model.predict(alone) <= goal
-        ):
+        if int8_alone_reaches and int8_loss < current_proxy:
             # int8 alone is predicted to reach the goal (in the band or past it) and loses less
             # on calibration data than the plan the greedy found, which ranks moves by loss per
             # millisecond and so can prefer several small structural cuts: int8 alone is
@@ -585,8 +589,8 @@ def search(
                 note = (
                     f"int8 alone measured {speedup:.3f}x, above the band "
                     f"[{BAND[0] * target:.3f}, {BAND[1] * target:.3f}], at calibration loss "
-                    f"{int8_loss:.4f}, less than {current_proxy:.4f} of the greedy plan "
-                    f"{describe(current)}: kept"
+                    f"{int8_loss:.4f}, less than the structural moves toward the goal "
+                    f"({current_proxy:.4f} at {describe(current)}): kept"
                 )
                 break
             continue
