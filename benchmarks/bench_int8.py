@@ -31,12 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import checkpoint  # noqa: E402
+from common import checkpoint, timed_search  # noqa: E402
 
-from trimformer.errors import TrimformerError  # noqa: E402
 from trimformer.graph.capture import dynamic_shapes, load_checkpoint  # noqa: E402
 from trimformer.optimizer import quality  # noqa: E402
-from trimformer.optimizer.run import RunOptions, prepare, run_search, shape_inputs  # noqa: E402
+from trimformer.optimizer.run import RunOptions, prepare, shape_inputs  # noqa: E402
 
 SHAPES = {"minilm": "8x128,1x128", "sample": "4x512"}
 
@@ -126,36 +125,21 @@ def searches(
         for target in targets:
             for mode in int8_modes:
                 allow = {"drop", "prune", "int8"} if mode == "with" else {"drop", "prune"}
-                t0 = time.perf_counter()
-                try:
-                    res = run_search(
-                        loaded,
-                        prep,
-                        opts,
-                        target,
-                        allow,
-                        None,
-                        False,
-                        lambda m: print("   ", m, flush=True),
-                    )
-                except TrimformerError as e:
-                    print(f"  {name} {shape} {runtime} {target} int8 {mode}: {e}", flush=True)
+                got = timed_search(loaded, prep, opts, target, allow, metric)
+                if isinstance(got, str):
+                    print(f"  {name} {shape} {runtime} {target} int8 {mode}: {got}", flush=True)
                     rows.append(
                         f"| {name} | {shape} | {runtime} | {target} | {mode} | - | no | - | - | "
-                        f"{e} |"
+                        f"{got} |"
                     )
                     continue
-                secs = time.perf_counter() - t0
-                c = res.chosen
-                measured = res.baseline_ms / c.measured_ms
-                q = c.quality[metric] if c.quality else float("nan")
+                res = got.result
                 i8 = res.int8
                 i8_text = f"{1 / i8['factor']:.2f}x" if i8 else "-"
-                band = ("above, kept" if res.note else "yes") if res.reached else "no"
                 row = (
-                    f"| {name} | {shape} | {runtime} | {target} | {mode} | {measured:.2f}x | "
-                    f"{band} | {metric} {base_q:.3f} -> {q:.3f} | "
-                    f"{i8_text} | {secs:.0f} | {c.label} |"
+                    f"| {name} | {shape} | {runtime} | {target} | {mode} | {got.measured:.2f}x | "
+                    f"{got.band} | {metric} {base_q:.3f} -> {got.quality:.3f} | "
+                    f"{i8_text} | {got.seconds:.0f} | {res.chosen.label} |"
                 )
                 print(row, flush=True)
                 rows.append(row)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,12 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import checkpoint  # noqa: E402
+from common import checkpoint, timed_search  # noqa: E402
 
-from trimformer.errors import TrimformerError  # noqa: E402
 from trimformer.graph.capture import load_checkpoint  # noqa: E402
 from trimformer.optimizer import quality  # noqa: E402
-from trimformer.optimizer.run import RunOptions, prepare, run_search  # noqa: E402
+from trimformer.optimizer.run import RunOptions, prepare  # noqa: E402
 
 MODELS = {"minilm": "8x128", "sample": "4x512"}
 
@@ -61,26 +59,11 @@ def main() -> None:
                 mixes = [(m, set(m.split(","))) for m in args.mixes.split(";")]
             for target in (float(t) for t in args.targets.split(",")):
                 for label, allow in mixes:
-                    t0 = time.perf_counter()
-                    try:
-                        res = run_search(
-                            loaded,
-                            prep,
-                            opts,
-                            target,
-                            allow,
-                            None,
-                            False,
-                            lambda m: print("   ", m, flush=True),
-                            args.compensate,
-                        )
-                    except TrimformerError as e:
-                        print(f"  {name} {runtime} {target} {label}: {e}")
+                    got = timed_search(loaded, prep, opts, target, allow, metric, args.compensate)
+                    if isinstance(got, str):
+                        print(f"  {name} {runtime} {target} {label}: {got}")
                         continue
-                    secs = time.perf_counter() - t0
-                    c = res.chosen
-                    measured = res.baseline_ms / c.measured_ms
-                    q = c.quality[metric] if c.quality else float("nan")
+                    c, measured, q, secs = got.result.chosen, got.measured, got.quality, got.seconds
                     rows.append(
                         (
                             name,
@@ -89,7 +72,7 @@ def main() -> None:
                             target,
                             label,
                             measured,
-                            res.reached,
+                            got.result.reached,
                             base_q,
                             q,
                             metric,
