@@ -55,6 +55,10 @@ computes (the causal triangle, or the square), exactly, at each length.
 K (MoA uses 2) bounds how many head groups the op runs per layer. The uniform baseline is the
 single candidate that fills the budget best (`uniform_choice`); with the budget set to its
 density it is a feasible point of the program, so the plan's estimated cost is never higher.
+
+`choose` (what `trimformer optimize --sparse-attention DENSITY` runs) adds MoA's last step:
+it solves a family of plans on three quarters of the calibration batches and keeps the one,
+the uniform window included, with the least loss measured on the held-back quarter.
 """
 
 from __future__ import annotations
@@ -1006,7 +1010,8 @@ SPEC = PassSpec(
     knobs={
         "sink": "tokens at the start every query may see",
         "alpha, beta": "uniform window w = alpha + beta * N",
-        "heads": "per block, per head (alpha, beta), e.g. from plan() under a density budget",
+        "heads": "per block, per head (alpha, beta): from choose() under a density budget "
+        "(CLI --sparse-attention DENSITY --sparse-windows auto|per-head|per-layer|uniform)",
         "blocks": "which blocks are rewritten",
     },
     apply=sparsify_attention,
