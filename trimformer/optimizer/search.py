@@ -581,6 +581,10 @@ def search(
             candidates.append(cand)
             speedup = base_ms / c_ms
             progress(f"  measured {speedup:.3f}x (predicted {base_ms / cand.predicted_ms:.3f}x)")
+            if best is None or abs(math.log(speedup / target)) < abs(
+                math.log(base_ms / best.measured_ms / target)  # type: ignore[operator]
+            ):
+                best = cand  # the closest measured plan so far, as for any verified plan
             if BAND[0] * target <= speedup <= BAND[1] * target:
                 best = cand
                 break
