@@ -322,8 +322,9 @@ def bench_model(
     plans: Path | None,
     budgets: tuple[float, ...] = (0.25, 0.5),
     draw: int = 0,
+    checkpoint: Path | None = None,
 ) -> None:
-    path = DEFAULT_SAMPLE
+    path = checkpoint or DEFAULT_SAMPLE
     while not (path / "model.safetensors").is_file():
         print(f"waiting for {path} (the sample may still be training)", file=sys.stderr)
         time.sleep(60)
@@ -420,7 +421,7 @@ def bench_model(
             ]
         )
     print(
-        f"\n(b) {path.name} (Llama, 6 blocks x 8 heads, head dim 32), torch CPU, {threads} "
+        f"\n(b) {path} (Llama, 6 blocks x 8 heads, head dim 32), torch CPU, {threads} "
         f"threads, latency at 1x{seq}; quality on held-out Python docs ({len(held)} batches of "
         f"2x{seq}); calibration at N = {lengths} on {len(calib)} batches of 2x{seq} "
         "(objectives: 'loss@uniform': first-order next-token loss change expanded at the "
@@ -464,6 +465,13 @@ def main() -> None:
         "--seq", type=int, nargs="+", default=[1024, 256], help="model part: sequence lengths"
     )
     ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="model part: a Llama checkpoint folder other than the bundled sample (e.g. the "
+        "sample's architecture trained at 1024 tokens: samples/train_sample.py --seq 1024)",
+    )
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument(
         "--draw",
         type=int,
         default=0,
@@ -478,7 +486,14 @@ def main() -> None:
         bench_op(args.threads)
     if args.part in ("model", "all"):
         for seq in args.seq:  # 1024: the full context; 256: the length the sample was trained at
-            bench_model(args.threads, seq, args.plans, draw=args.draw)
+            bench_model(
+                args.threads,
+                seq,
+                args.plans,
+                draw=args.draw,
+                checkpoint=args.checkpoint,
+                budgets=tuple(args.budgets),
+            )
 
 
 if __name__ == "__main__":
