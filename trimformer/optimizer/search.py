@@ -548,6 +548,27 @@ def search(
             seconds=time.perf_counter() - t0,
             int8=int8_info,
         )
+
+    def verify(plan: Plan, proxy: float, program: fx.GraphModule) -> tuple[Candidate, float]:
+        """Measure `program` (int8 when the plan says so) against the baseline, evaluate it on
+        held-out data, and keep it as `best` if it is the closest to the target so far."""
+        nonlocal verified, best
+        verified += 1
+        name = f"candidate-{verified}"
+        b_ms, c_ms = measurer.measure(program, name, int8=plan.int8)
+        c_ms *= base_ms / b_ms  # express in the baseline's time frame (drift between runs)
+        served = measurer.int8_model(name) if plan.int8 else program
+        q = quality.evaluate(kind, served, evaluation, eval_ref).metrics
+        cand = Candidate(plan, describe(plan), model.predict(plan), proxy, c_ms, q)
+        candidates.append(cand)
+        speedup = base_ms / c_ms
+        progress(f"  measured {speedup:.3f}x (predicted {base_ms / cand.predicted_ms:.3f}x)")
+        if best is None or abs(math.log(speedup / target)) < abs(
+            math.log(base_ms / best.measured_ms / target)  # type: ignore[operator]
+        ):
+            best = cand
+        return cand, speedup
+
     note = ""
     int8_alone_tried = False
     alone = Plan(int8=True)
@@ -568,23 +589,11 @@ def search(
             # verified first and kept if it reaches the target, even past the band (landing in
             # the band would cost quality for nothing).
             int8_alone_tried = True
-            verified += 1
             progress(
                 f"verifying: int8 alone (calibration loss {int8_loss:.4f} < "
                 f"{current_proxy:.4f} of {describe(current)})"
             )
-            name = f"candidate-{verified}"
-            b_ms, c_ms = measurer.measure(gm, name, int8=True)
-            c_ms *= base_ms / b_ms
-            q = quality.evaluate(kind, measurer.int8_model(name), evaluation, eval_ref).metrics
-            cand = Candidate(alone, describe(alone), model.predict(alone), int8_loss, c_ms, q)
-            candidates.append(cand)
-            speedup = base_ms / c_ms
-            progress(f"  measured {speedup:.3f}x (predicted {base_ms / cand.predicted_ms:.3f}x)")
-            if best is None or abs(math.log(speedup / target)) < abs(
-                math.log(base_ms / best.measured_ms / target)  # type: ignore[operator]
-            ):
-                best = cand  # the closest measured plan so far, as for any verified plan
+            cand, speedup = verify(alone, int8_loss, gm)
             if BAND[0] * target <= speedup <= BAND[1] * target:
                 best = cand
                 break
@@ -598,27 +607,9 @@ def search(
                 )
                 break
             continue
-        built = builder.build(current)
-        verified += 1
         progress(f"verifying: {describe(current)}")
-        name = f"candidate-{verified}"
-        b_ms, c_ms = measurer.measure(built, name, int8=current.int8)
-        scale = base_ms / b_ms  # express in the baseline's time frame (drift between runs)
-        c_ms *= scale
-        if current.int8:
-            served = measurer.int8_model(name)
-            q = quality.evaluate(kind, served, evaluation, eval_ref).metrics
-        else:
-            q = quality.evaluate(kind, built, evaluation, eval_ref).metrics
-        cand = Candidate(current, describe(current), model.predict(current), current_proxy, c_ms, q)
-        candidates.append(cand)
-        speedup = base_ms / c_ms
-        progress(f"  measured {speedup:.3f}x (predicted {base_ms / cand.predicted_ms:.3f}x)")
-        if best is None or abs(math.log(speedup / target)) < abs(
-            math.log(base_ms / best.measured_ms / target)  # type: ignore[operator]
-        ):
-            best = cand
-        model.add_point(current, c_ms)
+        cand, speedup = verify(current, current_proxy, builder.build(current))
+        model.add_point(current, cand.measured_ms)
         model.calibrate()
         if BAND[0] * target <= speedup <= BAND[1] * target:
             best = cand

@@ -393,10 +393,15 @@ def _grad_probe(
     return probe, saved
 
 
+def _first_tensor(out: Any) -> torch.Tensor:
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
 def _next_token_loss(logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of logits at t against the token at t + 1, real positions only."""
-    if isinstance(logits, (tuple, list)):  # a graph's outputs come as a sequence of one
-        logits = logits[0]
+    logits = _first_tensor(logits)  # a graph's outputs come as a sequence of one
     ids = inputs["input_ids"]
     real = inputs.get("attention_mask")
     real = torch.ones_like(ids, dtype=torch.bool) if real is None else real.bool()
@@ -801,12 +806,6 @@ def plan(
 # ----------------------------------------------------------------------------- validation
 
 PlanKind = Literal["auto", "per-head", "per-layer", "uniform"]
-
-
-def _first_tensor(out: Any) -> torch.Tensor:
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
 
 
 def validation_loss(
