@@ -12,6 +12,13 @@ Usage (about 40 minutes on a 2-core CPU; checkpoints as it goes, resumable):
 
 It writes the Hugging Face folder (config.json, model.safetensors, tokenizer files) and
 TRAINING.md with the held-out perplexity of the model and of a unigram model on the same tokens.
+
+`--init DIR` continues training a sample folder made by this script (its tokenizer and weights,
+a fresh optimizer): the bundled `samples/tinyllama-py-1k` is `samples/tinyllama-py` continued at
+its full context of 1024 tokens (the usual short-then-long recipe of context extension):
+
+    python samples/train_sample.py --init samples/tinyllama-py --out samples/tinyllama-py-1k \
+        --seq 1024 --batch 4 --steps 250 --lr 6e-4 --warmup 20 --work /tmp/trimformer-sample-1k
 """
 
 from __future__ import annotations
@@ -122,6 +129,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--init", type=Path, default=None, help="continue from a sample folder")
     ap.add_argument("--work", type=Path, default=Path("/tmp/trimformer-sample-train"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -130,7 +139,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
 
     docs = training_documents()
-    tok_dir = args.work / "tokenizer"
+    tok_dir = args.init if args.init is not None else args.work / "tokenizer"
     if (tok_dir / "tokenizer.json").exists():
         tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     else:
@@ -145,8 +154,14 @@ def main() -> None:
     held_ids = encode_stream(tok, list(python_docs_split().heldout))
     print(f"train tokens {len(train_ids):,}  held-out tokens {len(held_ids):,}", flush=True)
 
-    config = make_config(tok)
-    model = LlamaForCausalLM(config)
+    if args.init is not None:
+        model = LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32)
+        base_ppl = heldout_perplexity(model, held_ids)
+        base_ppl_1k = heldout_perplexity(model, held_ids, seq=1024)
+        print(f"--init {args.init}: held-out perplexity {base_ppl:.2f} (512) "
+              f"{base_ppl_1k:.2f} (1024)", flush=True)
+    else:
+        model = LlamaForCausalLM(make_config(tok))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     start_step = 0
     ckpt = args.work / "ckpt.pt"
@@ -158,7 +173,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params:,}", flush=True)
 
-    warmup = 50
+    warmup = args.warmup
     gen = torch.Generator().manual_seed(1234)
     model.train()
     t0 = time.time()
@@ -168,7 +183,8 @@ def main() -> None:
         lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        gen.manual_seed(1234 + step)
+        # a continued run draws other text windows than the run it continues
+        gen.manual_seed(1234 + step + (100_000 if args.init is not None else 0))
         starts = torch.randint(0, len(train_ids) - args.seq - 1, (args.batch,), generator=gen)
         batch = torch.stack([train_ids[s : s + args.seq + 1] for s in starts.tolist()])
         logits = model(input_ids=batch[:, :-1]).logits
@@ -187,18 +203,26 @@ def main() -> None:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
 
     ppl = heldout_perplexity(model, held_ids)
+    ppl_1k = heldout_perplexity(model, held_ids, seq=1024)
     uni = unigram_perplexity(train_ids, held_ids, len(tok))
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     tok.save_pretrained(args.out)
+    origin = (
+        f"Continued from `{args.init}` (its tokenizer and weights, a fresh optimizer; held-out "
+        f"perplexity before: {base_ppl:.2f} in 512-token windows, {base_ppl_1k:.2f} in 1024) by "
+        if args.init is not None
+        else "Made by "
+    )
     (args.out / "TRAINING.md").write_text(
-        "# tinyllama-py: how it was trained\n\n"
-        f"Made by `samples/train_sample.py` (steps={args.steps}, batch={args.batch}, seq={args.seq}, "
-        f"lr={args.lr}, seed 0) on {len(train_ids):,} tokens of the standard library's source and the "
-        "calibration part of `pydoc_data.topics`.\n\n"
+        f"# {args.out.name}: how it was trained\n\n"
+        f"{origin}`samples/train_sample.py` (steps={args.steps}, batch={args.batch}, "
+        f"seq={args.seq}, lr={args.lr}, warmup={args.warmup}, seed 0) on {len(train_ids):,} tokens "
+        "of the standard library's source and the calibration part of `pydoc_data.topics`.\n\n"
         f"- parameters: {n_params:,}\n"
         f"- held-out text: the held-out `pydoc_data.topics` documents, {len(held_ids):,} tokens\n"
         f"- held-out perplexity of this model (512-token windows): **{ppl:.2f}**\n"
+        f"- held-out perplexity of this model (1024-token windows): **{ppl_1k:.2f}**\n"
         f"- held-out perplexity of a unigram model on the same tokens (add-one): **{uni:.2f}**\n"
     )
     (args.out / "training_log.json").write_text(json.dumps(log))
