@@ -25,7 +25,10 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 def _heldout_perplexity(path: Path, seq: int) -> float:
     loaded = load_checkpoint(path)
     batches = quality.make_text_batches(
-        loaded.tokenizer, python_docs_split().heldout, batch_size=1, seq_len=seq,
+        loaded.tokenizer,
+        python_docs_split().heldout,
+        batch_size=1,
+        seq_len=seq,
         max_batches=4096 // seq,
     )
     ref = quality.reference_outputs(loaded.module, batches)
@@ -45,8 +48,15 @@ def perplexities() -> dict[tuple[str, int], float]:
 
 def test_samples_have_one_architecture_and_tokenizer() -> None:
     base, long = (load_checkpoint(SAMPLES / n) for n in ("tinyllama-py", "tinyllama-py-1k"))
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "max_position_embeddings", "vocab_size"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "vocab_size",
+    ):
         assert getattr(base.config, key) == getattr(long.config, key), key
     assert base.config.max_position_embeddings == 1024
     text = python_docs_split().heldout[0][:400]
