@@ -166,7 +166,7 @@ def windows_table(choice: dict[str, Any]) -> Table:
             f"{choice['validation_batches']} {held} calibration batch(es)"
         )
     )
-    for c in ("plan", "density", "estimate", "validation loss"):
+    for c in ("plan", "density", "estimate", "validation (vs dense)"):
         t.add_column(c)
     for r in choice["plans"]:
         chosen = r["label"] == choice["chosen"]
@@ -182,7 +182,9 @@ def windows_table(choice: dict[str, Any]) -> Table:
         if chosen:
             t.caption = (
                 "estimate: first-order loss change vs uniform (loss) or attention mass lost "
-                f"(mass); chosen windows (alpha + beta N), by block: {windows}"
+                "(mass); validation: KL from the dense model's next-token distributions (causal "
+                f"LM) or 1 - cosine with its output; chosen windows (alpha + beta N), by block: "
+                f"{windows}"
             )
     return t
 
