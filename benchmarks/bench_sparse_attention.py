@@ -5,11 +5,14 @@
     against `trimformer::local_attention`; onnxruntime: the exported dense SDPA against the
     exported local form. Ideal speedup = dense causal pairs / pairs the local pattern keeps
     (N(N+1)/2 over ~N(w + sink)); share = measured / ideal.
-(b) The bundled sample (samples/tinyllama-py: Llama, 6 blocks, 8 heads of 32, context 1024) at
-    1x1024: held-out perplexity (Python docs topics never trained on) and measured speedup of the
-    uniform window that fills each density budget against calibrated per-layer / per-head
-    windows (`plan`, scipy milp) at equal density: a plan's density lies within [0.97, 1] x the
-    uniform window's at each profiled length.
+(b) A Llama sample (default samples/tinyllama-py; --checkpoint samples/tinyllama-py-1k is the one
+    trained at its full context, 1024) at 1x1024: held-out perplexity (Python docs topics never
+    trained on) and measured speedup of the uniform window that fills each density budget
+    against calibrated per-layer / per-head windows (`plan`, scipy milp, and `choose`'s
+    validated pick) at equal density: a plan's density lies within [0.97, 1] x the uniform
+    window's at each profiled length. Each plan's perplexity change against the uniform window
+    is also measured row by row, with its standard error, on the held-out docs and on unseen
+    Python (standard-library test files).
 
 Every latency is the median of interleaved runs in one process (trimformer.cost_model.measure).
 

@@ -28,3 +28,5 @@ run "Pruning and skipping vs FLOP-ideal, sample (issue 3)" $PY benchmarks/bench_
 run "Compensation: quality with and without (issues 3, 4)" $PY benchmarks/bench_compensate.py --threads $T
 run "Search to targets, sample 4x512, onnxruntime (issue 4)" $PY benchmarks/bench_search.py --models sample --runtimes onnxruntime --threads $T
 run "Cost model accuracy, onnxruntime (issue 4)" $PY benchmarks/bench_cost_model.py --runtimes onnxruntime --n 20 --threads $T
+run "Sparse attention: the op alone, 2k-16k (issue 6)" $PY benchmarks/bench_sparse_attention.py --part op --threads $T
+run "Sparse attention: windows vs uniform, long-context sample 1x1024 (issue 6)" $PY benchmarks/bench_sparse_attention.py --part model --seq 1024 --checkpoint samples/tinyllama-py-1k --threads $T

@@ -158,8 +158,11 @@ def main() -> None:
         model = LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32)
         base_ppl = heldout_perplexity(model, held_ids)
         base_ppl_1k = heldout_perplexity(model, held_ids, seq=1024)
-        print(f"--init {args.init}: held-out perplexity {base_ppl:.2f} (512) "
-              f"{base_ppl_1k:.2f} (1024)", flush=True)
+        print(
+            f"--init {args.init}: held-out perplexity {base_ppl:.2f} (512) "
+            f"{base_ppl_1k:.2f} (1024)",
+            flush=True,
+        )
     else:
         model = LlamaForCausalLM(make_config(tok))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -200,7 +203,9 @@ def main() -> None:
             print(f"step {step} loss {loss.item():.3f} lr {lr:.2e} {rate:.0f} tok/s", flush=True)
             log.append({"step": step, "loss": round(loss.item(), 4)})
         if (step + 1) % 100 == 0 or step + 1 == args.steps:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
+            torch.save(
+                {"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt
+            )
 
     ppl = heldout_perplexity(model, held_ids)
     ppl_1k = heldout_perplexity(model, held_ids, seq=1024)
