@@ -53,6 +53,7 @@ from trimformer.cost_model.measure import (  # noqa: E402
     speedup,
     torch_runner,
 )
+from trimformer.errors import TrimformerError  # noqa: E402
 from trimformer.export.onnx import ort_session  # noqa: E402
 from trimformer.graph.capture import DEFAULT_SAMPLE, capture, load_checkpoint  # noqa: E402
 from trimformer.graph.structure import discover  # noqa: E402
@@ -320,13 +321,25 @@ def _plan_variants(
     return base_ppl, out
 
 
-def unseen_code() -> list[str]:
-    """Every 7th test file of the standard library: Python the samples never trained on
-    (samples/train_sample.py leaves out `test`, `tests` and `idle_test`), long files whose
-    identifiers recur across a 1024-token window."""
+def unseen_code(tok, seq: int, rows: int) -> list:
+    """`rows` batches of 1 x seq: the first `seq` tokens of standard-library test files, one
+    window per file (rows from one file would be correlated), files spread over the whole
+    sorted list. The samples never trained on them (train_sample.py leaves out `test`,
+    `tests` and `idle_test`); long files whose identifiers recur across a 1024-token window."""
     root = Path(sysconfig.get_paths()["stdlib"]) / "test"
-    files = sorted(root.rglob("test_*.py"))[::7]
-    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    files = sorted(root.rglob("test_*.py"))
+    out: list = []
+    for f in files[:: max(1, len(files) // (2 * rows))]:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if len(text) < 3 * seq:  # too short to fill a window (a token is ~3-4 characters)
+            continue
+        try:
+            out += quality.make_text_batches(tok, [text], batch_size=1, seq_len=seq, max_batches=1)
+        except TrimformerError:
+            continue
+        if len(out) == rows:
+            break
+    return out
 
 
 def row_nll(g: torch.nn.Module, batches: list) -> np.ndarray:
@@ -418,9 +431,7 @@ def bench_model(
         programs[name] = g
     # Paired comparison with the uniform window of the same budget, row by row, on the held-out
     # docs and on unseen code (more text: the docs alone give too few rows to tell 0.1% apart).
-    code = quality.make_text_batches(
-        tok, unseen_code(), batch_size=1, seq_len=seq, max_batches=code_tokens // seq
-    )
+    code = unseen_code(tok, seq, code_tokens // seq)
     t1 = time.perf_counter()
     nll = {name: (row_nll(g, held), row_nll(g, code)) for name, g in programs.items()}
     print(
@@ -486,8 +497,9 @@ def bench_model(
         f"sink {SINK}; density = pairs kept / causal pairs at N = {lengths}; plans within "
         f"[{FLOOR}, 1] x the uniform window's density; 'vs uniform': perplexity change against "
         "the uniform window of the same budget on the same rows ± its standard error over rows "
-        f"(docs: {sum(len(b.inputs['input_ids']) for b in held)} rows; code: unseen standard-"
-        f"library test files, {len(code)} rows of {seq})\n"
+        f"(docs: {sum(len(b.inputs['input_ids']) for b in held)} rows, "
+        f"{sum(b.tokens for b in held)} tokens; code: unseen standard-"
+        f"library test files, {len(code)} rows of {seq}, one per file)\n"
     )
     head = [
         "attention",

@@ -24,6 +24,7 @@ its full context of 1024 tokens (the usual short-then-long recipe of context ext
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -142,10 +143,14 @@ def main() -> None:
     tok_dir = args.init if args.init is not None else args.work / "tokenizer"
     if (tok_dir / "tokenizer.json").exists():
         tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    elif args.init is not None:
+        raise SystemExit(f"--init {args.init}: no tokenizer.json there; pass a sample folder")
     else:
         tok = train_tokenizer(docs)
         tok.save_pretrained(tok_dir)
-    ids_path = args.work / "train_ids.pt"
+    # the cached token stream belongs to one tokenizer
+    tok_sha = hashlib.sha256((tok_dir / "tokenizer.json").read_bytes()).hexdigest()[:12]
+    ids_path = args.work / f"train_ids.{tok_sha}.pt"
     if ids_path.exists():
         train_ids = torch.load(ids_path, weights_only=True)
     else:
@@ -168,8 +173,14 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     start_step = 0
     ckpt = args.work / "ckpt.pt"
+    run = {"init": str(args.init), "seq": args.seq, "batch": args.batch, "steps": args.steps}
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
+        if state.get("run") != run:
+            raise SystemExit(
+                f"{ckpt} is from another run ({state.get('run')}, this one: {run}); "
+                "pass another --work or delete it"
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start_step = int(state["step"])
@@ -204,7 +215,13 @@ def main() -> None:
             log.append({"step": step, "loss": round(loss.item(), 4)})
         if (step + 1) % 100 == 0 or step + 1 == args.steps:
             torch.save(
-                {"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step + 1,
+                    "run": run,
+                },
+                ckpt,
             )
 
     ppl = heldout_perplexity(model, held_ids)

@@ -372,7 +372,8 @@ def optimize(
         typer.Option(
             help="Replace attention by sink + sliding-window attention keeping this share of "
             "the attention pairs (e.g. 0.25); windows per head are profiled on the calibration "
-            "text at --seq-len and validated against the uniform window (MoA). Pays off at long "
+            "text at --seq-len, and the plan closest to the dense model on held-back text, the "
+            "uniform window included, is kept (MoA). Pays off at long "
             "sequences: give --seq-len and --shape at the length you serve."
         ),
     ] = None,
