@@ -238,7 +238,6 @@ def test_int8_stage_is_verified_and_evaluated_in_onnxruntime(tmp_path: Path) -> 
         (["--recover", "lora", "--recover-steps", "0"], "at least 1 step"),
         (["--sparse-attention", "1.5"], "give a density in (0, 1]"),
         (["--sparse-attention", "0.5", "--sparse-windows", "some"], "use auto, per-head"),
-        (["--sparse-attention", "0.5", "--prune-heads", "0.5"], "--prune-heads renumber"),
     ],
 )
 def test_pass_flags_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
@@ -281,16 +280,26 @@ def test_fold_norm_repbn_recover_from_flags(tmp_path: Path) -> None:
 def test_sparse_attention_from_flags_exports_and_replays(tmp_path: Path) -> None:
     out = tmp_path / "sparse"
     res = cli(
-        "optimize", "--sparse-attention", "0.6", "--drop-attention", "1", "--out", out,
-        *FAST[:-2], "128", "-q",  # windows of 16+ tokens at N = 64 and 128 fit the budget
+        "optimize", "--sparse-attention", "0.6", "--sparse-windows", "per-head",
+        "--drop-attention", "1", "--prune-heads", "0.25", "--out", out, *FAST[:-2], "128",
+        "-q",  # windows of 16+ tokens at N = 64 and 128 fit the budget
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     report = json.loads((out / "report.json").read_text())
-    assert [p["name"] for p in report["passes"]] == ["cleanup", "drop", "sparse-attention"]
+    names = [p["name"] for p in report["passes"]]
+    assert names == ["cleanup", "prune", "drop", "sparse-attention"]
     sparse = report["passes"][-1]
     assert sparse["changes"]["attention_rewritten"] == 5  # six blocks, one attention dropped
+    # windows were planned on the pruned graph: one window per head it has left
+    heads = {b["index"]: b["attention"]["heads"] for b in report["structure"]["after"]["blocks"]
+             if b.get("attention")}  # fmt: skip
+    config = sparse["config"]
+    assert config["heads"]  # per-head windows
+    for block, windows in config["heads"].items():
+        assert len(windows) == heads[int(block)]
+    assert sum(heads.values()) < 6 * 8  # some heads were pruned
     chosen = sparse["importance"]
-    assert chosen["plans"][0]["label"].startswith("uniform")
+    assert all(p["label"].startswith("per-head") for p in chosen["plans"])
     assert chosen["chosen"] == min(chosen["plans"], key=lambda p: p["validation_loss"])["label"]
     assert len(report["exports"]["onnx"]["verification"]["shapes"]) >= 2  # local form in ORT
     assert "sparse-attention: windows at density 0.6" in cli("inspect", out).stdout

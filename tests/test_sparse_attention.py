@@ -45,6 +45,7 @@ from trimformer.kernels import (  # noqa: E402
     triton_available,
 )
 from trimformer.kernels.local_attention import local_pattern, pattern_pairs  # noqa: E402
+from trimformer.passes import PASSES  # noqa: E402
 from trimformer.passes.base import Context  # noqa: E402
 from trimformer.passes.sparse_attention import (  # noqa: E402
     SparseAttentionConfig,
@@ -381,8 +382,22 @@ def test_pass_only_touches_the_blocks_asked(llama: Tiny) -> None:
 def test_pass_rejects_a_wrong_number_of_head_windows(llama: Tiny) -> None:
     with pytest.raises(PassError, match="one pair per head"):
         _sparsified(llama, heads={0: [(4.0, 0.0)] * (HEADS - 1)})
-    with pytest.raises(PassError, match="out of range"):
+    with pytest.raises(PassError, match="is not in the graph"):
         _sparsified(llama, blocks=[LAYERS])
+
+
+def test_pass_after_a_removed_block_keeps_the_captured_block_indices(llama: Tiny) -> None:
+    # drop-blocks / skip leave the captured model's block numbers; windows are keyed by them
+    gm, ctx = llama.fresh(), llama.ctx()
+    PASSES["drop"].apply(gm, discover(gm), PASSES["drop"].config(blocks=[0]), ctx)
+    structure = discover(gm)
+    assert [b.index for b in structure.blocks] == [1]
+    changes = sparsify_attention(
+        gm, structure, SparseAttentionConfig(sink=2, heads={1: [(4.0, 0.0)] * HEADS}), ctx
+    )
+    assert [r["block"] for r in changes["rewritten"]] == [1]
+    with pytest.raises(PassError, match="is not in the graph"):
+        sparsify_attention(gm, structure, SparseAttentionConfig(blocks=[0]), ctx)
 
 
 def test_rewritten_graph_exports_to_onnx_and_matches(llama: Tiny, tmp_path) -> None:

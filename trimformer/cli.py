@@ -223,9 +223,9 @@ def manual_steps(
     sink: int = 4,
 ) -> list[Any]:
     """Resolve the manual pass flags into steps, in this order: cleanup, prune, drop, skip,
-    sparse-attention (windows planned on the original graph), repbn (trains), recover (trains;
-    after the lossy passes, so it repairs them), fold-norm (exact, last graph edit: it folds
-    what the others left), int8 (an export stage)."""
+    sparse-attention (windows planned on the graph the passes before it leave), repbn
+    (trains), recover (trains; after the lossy passes, so it repairs them), fold-norm (exact,
+    last graph edit: it folds what the others left), int8 (an export stage)."""
     from trimformer.optimizer.pipeline import Step
     from trimformer.passes import PASSES
     from trimformer.passes import drop as drop_pass
@@ -254,8 +254,19 @@ def manual_steps(
             f"choosing attention windows at density {sparse:g} ({sparse_windows}; profile, "
             "solve, validate)"
         )
+        gm, structure = prep.gm, prep.structure
+        if len(steps) > 1:
+            # Windows are per head and block of the graph they rewrite: plan them on the graph
+            # the earlier passes leave (pruned heads, dropped attention), as `apply` replays it.
+            import copy
+
+            from trimformer.optimizer.pipeline import run_steps
+
+            gm = copy.deepcopy(prep.gm)
+            sample = prep.calib[0].inputs
+            structure, _ = run_steps(gm, steps, prep.ctx, sample, sample)
         config, chosen = sparse_attention.choose(
-            prep.gm, prep.structure, prep.ctx, density=sparse, sink=sink, windows=sparse_windows
+            gm, structure, prep.ctx, density=sparse, sink=sink, windows=sparse_windows
         )
         steps.append(Step(PASSES["sparse-attention"], config, importance=chosen))
     if repbn:
@@ -449,22 +460,6 @@ def optimize(
             )
         if sink < 0:
             _fail(f"--sink {sink}: give 0 or more tokens", 2)
-        clash = [
-            f
-            for f, on in (
-                ("--prune-heads", prune_heads),
-                ("--drop-blocks", drop_blocks),
-                ("--skip", skip),
-            )
-            if on
-        ]
-        if clash:
-            _fail(
-                f"--sparse-attention plans windows per head and block of the original model; "
-                f"{', '.join(clash)} renumber(s) them: run it in a second optimize on the result "
-                "(optimize RUN/model.pt2 --sparse-attention ...)",
-                2,
-            )
     if manual and target_speedup is not None:
         _fail("give either --target-speedup or manual pass flags, not both", 2)
     if not manual and target_speedup is None:

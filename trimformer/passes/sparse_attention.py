@@ -150,13 +150,15 @@ def _seq_len(ctx: Context) -> int | None:
 def sparsify_attention(
     gm: fx.GraphModule, structure: Structure, config: SparseAttentionConfig, ctx: Context
 ) -> dict[str, Any]:
-    n = len(structure.blocks)
-    wanted = set(range(n)) if config.blocks is None else set(config.blocks)
+    # Block indices are the captured model's and stay so after skip / drop-blocks: check
+    # against the indices the graph has, not 0..n-1.
+    present = [b.index for b in structure.blocks]
+    wanted = set(present) if config.blocks is None else set(config.blocks)
     for i in sorted(wanted | set(config.heads)):
-        if not 0 <= i < n:
+        if i not in present:
             raise PassError(
-                f"sparse-attention: block {i} is out of range (the graph has {n} blocks, "
-                f"0..{n - 1}); see `trimformer inspect`"
+                f"sparse-attention: block {i} is not in the graph (its blocks: "
+                f"{', '.join(map(str, present))}); see `trimformer inspect`"
             )
     length = _seq_len(ctx)
     rewritten, skipped = [], []
