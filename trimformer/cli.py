@@ -6,6 +6,7 @@ Results go to stdout, progress and errors to stderr. Exit codes: 0 success, 1 er
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -258,8 +259,8 @@ def manual_steps(
         if len(steps) > 1:
             # Windows are per head and block of the graph they rewrite: plan them on the graph
             # the earlier passes leave (pruned heads, dropped attention), as `apply` replays it.
-            import copy
-
+            # This applies those passes twice (here on a copy, then for real): the price of
+            # planning before the run.
             from trimformer.optimizer.pipeline import run_steps
 
             gm = copy.deepcopy(prep.gm)

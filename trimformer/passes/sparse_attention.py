@@ -84,6 +84,7 @@ from trimformer.kernels.local_attention import (
     pattern_pairs,
     window_size,
 )
+from trimformer.optimizer import quality
 from trimformer.passes.base import Context, PassConfig, PassSpec
 
 Window = tuple[float, float]  # (alpha, beta): w(N) = clamp(floor(alpha + beta * N), 1, N)
@@ -817,41 +818,16 @@ def validation_loss(
     batches: Sequence[dict[str, torch.Tensor]],
     refs: Sequence[torch.Tensor],
 ) -> float:
-    """How far a plan's outputs are from the dense model's (`refs`) on `batches`, measured:
-    causal LMs, the mean KL(dense || plan) of the next-token distributions over real positions
-    (MoA validates against the dense model's own responses, "model alignment"; the KL is the
-    soft form of that loss, paired with the dense model token by token, so it varies less
-    between plans than the text's own next-token loss, whose token-to-token spread dwarfs the
-    0.1-0.5% that separates plans); otherwise 1 - cosine with the dense output over the real
-    tokens."""
-    total = 0.0
-    with torch.no_grad():
-        for batch, ref in zip(batches, refs, strict=True):
-            out = _first_tensor(gm(**batch)).float()
-            real = batch.get("attention_mask")
-            if kind == "causal-lm":
-                total += _kl_to_reference(out, ref.float(), real)
-                continue
-            cos = torch.nn.functional.cosine_similarity(out, ref.float(), dim=-1)
-            if real is not None and cos.shape == real.shape:
-                cos = cos[real.bool()]
-            total += float(1.0 - cos.mean())
-    return total / max(1, len(batches))
-
-
-def _kl_to_reference(out: torch.Tensor, ref: torch.Tensor, real: torch.Tensor | None) -> float:
-    """Mean KL(softmax(ref) || softmax(out)) over positions that predict a real next token,
-    in chunks of positions (a 128k vocabulary would otherwise need GBs per copy)."""
-    keep = torch.ones(out.shape[:2], dtype=torch.bool) if real is None else real.bool()
-    valid = keep[:, :-1] & keep[:, 1:]
-    cand, orig = out[:, :-1][valid], ref[:, :-1][valid]
-    step = max(1, (1 << 24) // max(1, cand.shape[-1]))
-    total = 0.0
-    for i in range(0, cand.shape[0], step):
-        log_p = torch.log_softmax(cand[i : i + step].double(), dim=-1)
-        log_q = torch.log_softmax(orig[i : i + step].double(), dim=-1)
-        total += float(torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="sum"))
-    return total / max(1, cand.shape[0])
+    """How far a plan's outputs are from the dense model's (`refs`) on `batches`, measured with
+    `quality.evaluate`: causal LMs, its `kl`, the mean KL(dense || plan) of the next-token
+    distributions over real positions (MoA validates against the dense model's own responses,
+    "model alignment"; the KL is the soft form of that loss, paired with the dense model token
+    by token, so it varies less between plans than the text's own next-token loss, whose
+    token-to-token spread dwarfs the 0.1-0.5% that separates plans); otherwise 1 - its
+    `token_cosine` (per-token cosine with the dense output over the real tokens)."""
+    wrapped = [quality.Batch(b, 0) for b in batches]
+    metrics = quality.evaluate(kind, gm, wrapped, refs).metrics
+    return metrics["kl"] if kind == "causal-lm" else 1.0 - metrics["token_cosine"]
 
 
 def _split(batches: list[dict[str, torch.Tensor]]) -> tuple[list, list]:
@@ -967,8 +943,7 @@ def choose(
                     )
         if windows != "auto":
             family = {k: v for k, v in family.items() if not k.startswith("uniform")} or family
-    with torch.no_grad():
-        refs = [_first_tensor(gm(**b)) for b in held]
+    refs = quality.reference_outputs(gm, [quality.Batch(b, 0) for b in held])
     validated = []
     for label, (config, info) in family.items():
         g = fx.GraphModule(gm, copy.deepcopy(gm.graph))
